@@ -1,0 +1,207 @@
+"""The LightningModule: a pretrained backbone with a grafted MLP head, trained with L1 loss on age."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import hydra
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanAbsoluteError, MinMetric
+
+from agecls.models.backbones import build_backbone
+from agecls.models.heads import MLPHead
+from agecls.models.metrics import stage_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
+
+
+class AgeRegressor(L.LightningModule):
+    """Backbone -> features -> MLP head -> age in years.
+
+    Inputs are RGB images, either uint8 (0..255) or float in [0, 1], already resized to
+    `image_size`; the module applies the normalisation its backbone was pretrained with, so data
+    pipelines, `predict` and exported models all feed plain pixels.
+
+    The head predicts a standardised age, rescaled by the train split's mean and standard deviation
+    (`age_mean`, `age_std`: stored in the checkpoint). The loss is L1 on that standardised age,
+    i.e. MAE in years / age_std: the study's L1 loss, at a scale at which lr 1e-4 works.
+
+    Every constructor argument is a plain value or dict and is saved with the checkpoint, so
+    `AgeRegressor.load_from_checkpoint(path)` rebuilds the model with no other argument.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any],
+        head: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        freeze: bool | int | str = False,
+        pretrained: bool = True,
+        image_size: int = 128,
+        crop_pct: float = 0.875,
+        age_mean: float | None = None,
+        age_std: float | None = None,
+        head_dropout: float = 0.0,
+        cs_threshold: float = 5.0,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.backbone = build_backbone(pretrained=pretrained, **backbone)
+        self.head = MLPHead(self.backbone.num_features, head["hidden"], dropout=head_dropout)
+        self.backbone.freeze(freeze)
+
+        mean = backbone.get("mean") or [0.485, 0.456, 0.406]
+        std = backbone.get("std") or [0.229, 0.224, 0.225]
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("age_mean", torch.tensor(float(age_mean) if age_mean is not None else 0.0))
+        self.register_buffer("age_std", torch.tensor(float(age_std) if age_std is not None else 1.0))
+        self.register_buffer("age_stats_set", torch.tensor(age_mean is not None and age_std is not None))
+
+        self.train_mae = MeanAbsoluteError()
+        self.val_metrics = stage_metrics("val", cs_threshold)
+        self.test_metrics = stage_metrics("test", cs_threshold)
+        self.val_mae_best = MinMetric()
+        self._test_outputs: list[dict[str, torch.Tensor]] = []
+        self.test_results: dict[str, Any] | None = None
+        self._forward_fn = self._forward
+
+    # ----------------------------------------------------------------------------------- model
+    def set_age_stats(self, mean: float, std: float) -> None:
+        """Set the output scale from the training ages (mean, standard deviation, in years)."""
+        std = max(float(std), 1e-3)
+        self.age_mean.fill_(float(mean))
+        self.age_std.fill_(std)
+        self.age_stats_set.fill_(True)
+        self.hparams.age_mean, self.hparams.age_std = float(mean), std
+
+    def _forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        x = (images - self.pixel_mean) / self.pixel_std
+        if self.hparams.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z = self.head(self.backbone(x)).squeeze(-1)
+        return z.float() * self.age_std + self.age_mean
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Predicted age in years, shape (B,)."""
+        return self._forward_fn(images)
+
+    def param_counts(self) -> dict[str, int]:
+        total = sum(p.numel() for p in self.parameters())
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return {"params/total": total, "params/trainable": trainable}
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def setup(self, stage: str) -> None:
+        if self.backbone._frozen:
+            # frozen layers are in eval mode on purpose (see Backbone.train)
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if not bool(self.age_stats_set) and dm is not None and hasattr(dm, "age_stats"):
+            mean, std = dm.age_stats()
+            self.set_age_stats(mean, std)
+            log.info("Output scale from the train split: age mean %.2f, std %.2f years", mean, std)
+        if self.hparams.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.hparams.compile and stage == "fit" and self._forward_fn == self._forward:
+            self._forward_fn = torch.compile(self._forward)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The checkpoint holds every weight: rebuilding it must not fetch ImageNet weights again
+        # (which would fail offline), so it records pretrained=false and keeps the original apart.
+        hp = checkpoint.get("hyper_parameters")
+        if hp is not None:
+            checkpoint["agecls"] = {"imagenet_init": bool(hp.get("pretrained", False))}
+            hp["pretrained"] = False
+            hp["age_mean"], hp["age_std"] = float(self.age_mean), float(self.age_std)
+
+    def on_train_start(self) -> None:
+        # The sanity check ran validation on an untrained model; forget it.
+        self.val_metrics.reset()
+        self.val_mae_best.reset()
+
+    # ----------------------------------------------------------------------------------- steps
+    def _loss(self, pred: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        return F.l1_loss(pred, age) / self.age_std
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        age = batch["age"].float()
+        pred = self(batch["image"])
+        loss = self._loss(pred, age)
+        self.train_mae(pred.detach(), age)
+        bs = age.shape[0]
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log("train/mae", self.train_mae, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        age = batch["age"].float()
+        pred = self(batch["image"])
+        self.log("val/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
+        self.val_metrics.update(pred, age)
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.val_metrics.reset()
+        mae = values.pop("val/mae")
+        self.log("val/mae", mae, prog_bar=True)
+        self.log_dict(values)
+        if not self.trainer.sanity_checking:
+            self.val_mae_best(mae)
+            self.log("val/mae_best", self.val_mae_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        age = batch["age"].float()
+        pred = self(batch["image"])
+        self.log("test/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
+        self.test_metrics.update(pred, age)
+        self._test_outputs.append({"index": batch["index"].detach(), "age": age.detach(), "pred": pred.detach().float()})
+
+    def on_test_epoch_start(self) -> None:
+        self._test_outputs = []
+        self.test_results = None
+
+    def on_test_epoch_end(self) -> None:
+        values = self.test_metrics.compute()
+        self.test_metrics.reset()
+        self.log_dict(values)
+        local = {k: torch.cat([o[k] for o in self._test_outputs]) if self._test_outputs else torch.empty(0)
+                 for k in ("index", "age", "pred")}
+        # Every rank's predictions, so rank 0 can write one predictions.csv. A distributed sampler
+        # pads the last batch with repeats; those are dropped by index.
+        gathered = {k: self.all_gather(v) for k, v in local.items()} if self.trainer.world_size > 1 else local
+        index = gathered["index"].reshape(-1).cpu().numpy()
+        age = gathered["age"].reshape(-1).cpu().numpy()
+        pred = gathered["pred"].reshape(-1).cpu().numpy()
+        _, first = np.unique(index, return_index=True)
+        self.test_results = {"index": index[first], "age": age[first], "predicted": pred[first]}
+        self._test_outputs = []
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
+        return {"index": batch["index"], "predicted": self(batch["image"])}
+
+    # -------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = hydra.utils.instantiate(dict(self.hparams.optimizer or DEFAULT_OPTIMIZER))(params=params)
+        sched_cfg = dict(self.hparams.scheduler or {})
+        if not sched_cfg.get("_target_"):
+            return optimizer
+        interval = sched_cfg.pop("interval", "epoch")
+        if sched_cfg["_target_"].endswith("OneCycleLR"):
+            sched_cfg.setdefault("total_steps", int(self.trainer.estimated_stepping_batches))
+            interval = "step"
+        scheduler = hydra.utils.instantiate(sched_cfg)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

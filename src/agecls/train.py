@@ -1,0 +1,147 @@
+"""Train a grafted backbone, then test its best checkpoint.
+
+    python -m agecls.train backbone=resnet18 freeze=false
+    python -m agecls.train -m optimizer=sgd,adam lr=1e-4,1e-3,1e-2
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from agecls.models.module import AgeRegressor
+from agecls.utils import outputs, provenance
+from agecls.utils.hydra_utils import (
+    config_dir,
+    flat_hparams,
+    instantiate_callbacks,
+    instantiate_loggers,
+    metric_value,
+    to_dict,
+)
+
+log = logging.getLogger(__name__)
+
+
+def build_model(cfg: DictConfig) -> AgeRegressor:
+    """The LightningModule a config describes (fails here, before any data work, on missing weights)."""
+    model_cfg = cfg.get("model") or {}
+    return AgeRegressor(
+        backbone=to_dict(cfg.backbone),
+        head=to_dict(cfg.head),
+        optimizer=to_dict(cfg.optimizer),
+        scheduler=to_dict(cfg.get("scheduler")) or None,
+        freeze=cfg.freeze,
+        pretrained=bool(cfg.pretrained),
+        image_size=int(cfg.data.image_size),
+        crop_pct=float(cfg.data.get("crop_pct") or 0.875),
+        age_mean=model_cfg.get("age_mean"),
+        age_std=model_cfg.get("age_std"),
+        head_dropout=float(model_cfg.get("head_dropout", 0.0)),
+        cs_threshold=float(model_cfg.get("cs_threshold", 5.0)),
+        channels_last=bool(cfg.get("channels_last", False)),
+        compile=bool(cfg.get("compile", False)),
+    )
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` means this run directory's checkpoints/last.ckpt; a path must exist."""
+    if not ckpt_path:
+        return None
+    if ckpt_path == "last":
+        path = output_dir / "checkpoints" / "last.ckpt"
+        if not path.exists():
+            raise FileNotFoundError(
+                f"ckpt_path=last: no {path}. Resume inside the run directory that was interrupted: "
+                "add hydra.run.dir=<that run's directory> (its checkpoints/last.ckpt is read)."
+            )
+        return str(path)
+    if not Path(ckpt_path).exists():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+    return ckpt_path
+
+
+def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "numel") and v.numel() != 1:
+            continue
+        out[k] = float(v.item() if hasattr(v, "item") else v)
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit, test the best checkpoint, write the run's outputs; return every logged metric."""
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rank_zero_only(provenance.write)(output_dir)
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    if torch.cuda.is_available():
+        # TF32 matmuls on Ampere+: ~same accuracy for this task, much faster fp32 training
+        torch.set_float32_matmul_precision("high")
+
+    model = build_model(cfg)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        metrics.update(_scalar_metrics(trainer.callback_metrics))
+    metrics["time/fit_s"] = time.perf_counter() - t0
+    metrics["epochs"] = int(trainer.current_epoch)
+    metrics["global_step"] = int(trainer.global_step)
+    metrics.update(model.param_counts())
+
+    if cfg.get("test", True):
+        ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not ckpt:
+            log.warning("No best checkpoint was saved (fast_dev_run or no validation): testing the current weights")
+        t1 = time.perf_counter()
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)
+        metrics.update(_scalar_metrics(trainer.callback_metrics))
+        metrics["time/test_s"] = time.perf_counter() - t1
+        metrics["best_checkpoint"] = ckpt or None
+        if trainer.is_global_zero and model.test_results is not None:
+            res = model.test_results
+            frame = outputs.predictions_frame(
+                datamodule.test_records["path"].iloc[res["index"]].tolist(), res["age"], res["predicted"]
+            )
+            title = f"{cfg.backbone.name}, freeze={cfg.freeze}, {flat_hparams(cfg)['optimizer']} lr={cfg.lr}"
+            outputs.write_test_outputs(output_dir, frame, metrics, title, trainer.loggers, trainer.global_step)
+
+    if trainer.is_global_zero:
+        outputs.write_json(output_dir / "metrics.json", metrics)
+        keys = ("val/mae_best", "test/mae", "test/pearson", "test/spearman")
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):  # the HParams tab pairs knobs with these metrics
+                lg.log_hyperparams(flat_hparams(cfg), metrics={k: metrics[k] for k in keys if k in metrics})
+            else:
+                lg.log_hyperparams(flat_hparams(cfg))
+            lg.finalize("success")
+    log.info("Metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    metrics = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

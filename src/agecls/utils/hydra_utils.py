@@ -1,0 +1,85 @@
+"""Small helpers shared by the entry points: config location, instantiation, flat hparams."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+from lightning.pytorch import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def config_dir() -> str:
+    """The `conf/` folder: $AGECLS_CONFIG_DIR, else the checkout's conf/ beside src/."""
+    env = os.environ.get("AGECLS_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "conf"
+    if not (path / "train.yaml").exists():
+        raise FileNotFoundError(
+            f"agecls's Hydra configs are not at {path}. Install agecls from its checkout "
+            "(pip install -e .) or set AGECLS_CONFIG_DIR to the folder holding train.yaml."
+        )
+    return str(path)
+
+
+def to_dict(node: Any) -> Any:
+    """A resolved plain container (dict/list) from a config node; None stays None."""
+    if node is None:
+        return None
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
+    callbacks: list[Callback] = []
+    for name, node in (cfg or {}).items():
+        if node is not None and "_target_" in node:
+            log.debug("callback %s: %s", name, node._target_)
+            callbacks.append(hydra.utils.instantiate(node))
+    return callbacks
+
+
+def instantiate_loggers(cfg: DictConfig | None) -> list[Logger]:
+    loggers: list[Logger] = []
+    for _, node in (cfg or {}).items():
+        if node is not None and "_target_" in node:
+            loggers.append(hydra.utils.instantiate(node))
+    return loggers
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The knobs a comparison of runs cares about, flat, for TensorBoard's HParams tab and summaries."""
+    freeze = cfg.get("freeze")
+    out: dict[str, Any] = {
+        "backbone": cfg.backbone.name,
+        "head": cfg.head.name,
+        "freeze": str(freeze).lower() if isinstance(freeze, bool) else str(freeze),
+        "pretrained": bool(cfg.pretrained),
+        "optimizer": str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower(),
+        "lr": float(cfg.lr),
+        "scheduler": (str(cfg.scheduler._target_).rsplit(".", 1)[-1] if cfg.get("scheduler") and cfg.scheduler.get("_target_") else "none"),
+        "data": cfg.data.source,
+        "image_size": int(cfg.data.image_size),
+        "batch_size": int(cfg.data.batch_size),
+        "augment": bool(cfg.data.augment.enabled) if cfg.data.get("augment") else False,
+        "max_epochs": int(cfg.trainer.max_epochs) if cfg.trainer.get("max_epochs") is not None else -1,
+        "seed": int(cfg.seed) if cfg.get("seed") is not None else -1,
+        "precision": str(cfg.trainer.get("precision", "32-true")),
+    }
+    return out
+
+
+def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
+    if not name:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}")
+    value = metrics[name]
+    return float(value.item() if hasattr(value, "item") else value)

@@ -1,0 +1,101 @@
+"""The files a run leaves beside its checkpoints: metrics.json, predictions.csv, scatter.png."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe scalars: tensors and numpy numbers become floats, NaN and inf become null."""
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(float(value)) else None
+    return value
+
+
+def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
+    """Write atomically (temp file, then rename): a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({k: _plain(v) for k, v in data.items()}, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def predictions_frame(paths: list[str], ages: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({"path": paths, "age": np.asarray(ages, dtype=float), "predicted": np.round(np.asarray(predicted, dtype=float), 3)})
+
+
+def metrics_by_decade(frame: pd.DataFrame) -> dict[str, float]:
+    """MAE per decade of true age, as flat keys `mae_by_decade/20-29`."""
+    out = {}
+    decade = (frame["age"] // 10 * 10).astype(int)
+    err = (frame["predicted"] - frame["age"]).abs()
+    for d in sorted(decade.unique()):
+        out[f"mae_by_decade/{d}-{d + 9}"] = float(err[decade == d].mean())
+    return out
+
+
+def scatter_figure(frame: pd.DataFrame, title: str, metrics: Mapping[str, Any] | None = None):
+    """Predicted against true age with the identity line (the study's Figures 1 and 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=100)
+    ages, pred = frame["age"].to_numpy(float), frame["predicted"].to_numpy(float)
+    alpha = 0.6 if len(frame) < 500 else max(0.08, 0.6 * 500 / len(frame))
+    ax.scatter(ages, pred, s=6, alpha=alpha, edgecolors="none")
+    finite = np.concatenate([ages, pred])
+    finite = finite[np.isfinite(finite)]
+    lo, hi = (0.0, 100.0) if finite.size == 0 else (min(0.0, finite.min()), max(finite.max(), 1.0) * 1.02)
+    ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="identity (perfect prediction)")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal")
+    ax.set_xlabel("true age (years)")
+    ax.set_ylabel("predicted age (years)")
+    if metrics:
+        parts = [f"{k.split('/')[-1]} {_plain(v):.3f}" for k, v in metrics.items() if _plain(v) is not None]
+        title = f"{title}\n" + ", ".join(parts) if parts else title
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_test_outputs(
+    directory: str | Path,
+    frame: pd.DataFrame,
+    metrics: Mapping[str, Any],
+    title: str,
+    loggers: Any = (),
+    step: int = 0,
+) -> None:
+    """predictions.csv and scatter.png into `directory`; the figure also goes to TensorBoard."""
+    import matplotlib.pyplot as plt
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(directory / "predictions.csv", index=False)
+    shown = {k: metrics[k] for k in ("test/mae", "test/pearson", "test/spearman") if k in metrics}
+    fig = scatter_figure(frame, title, shown)
+    fig.savefig(directory / "scatter.png")
+    for lg in loggers or ():
+        experiment = getattr(lg, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure("test/scatter", fig, global_step=step, close=False)
+    plt.close(fig)

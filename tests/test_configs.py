@@ -1,0 +1,88 @@
+"""Config composition: every option of every group composes, with the study's pairings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agecls.utils.hydra_utils import config_dir
+
+CONF = Path(config_dir())
+BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
+STUDY_HEAD = {
+    "resnet18": "small",
+    "mobilenet_v3_small": "small",
+    "mobilenet_v3_large": "small",
+    "efficientnet_lite0": "small",
+    "timm": "small",
+    "resnet50": "large",
+    "resnet152": "large",
+    "regnet_y_128gf": "large",
+}
+
+
+def test_every_backbone_is_listed() -> None:
+    assert set(BACKBONES) == set(STUDY_HEAD)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_backbone_sets_study_head_and_normalisation(make_cfg, backbone: str) -> None:
+    extra = ["backbone.name=resnet18"] if backbone == "timm" else []
+    cfg = make_cfg(f"backbone={backbone}", *extra)
+    assert cfg.head.name == STUDY_HEAD[backbone]
+    assert list(cfg.head.hidden) == ([512, 256, 32] if STUDY_HEAD[backbone] == "small" else [2048, 512, 128])
+    if backbone != "timm":
+        assert len(cfg.backbone.mean) == 3 and len(cfg.backbone.std) == 3
+        assert cfg.backbone.num_features > 0
+    assert cfg.data.crop_pct == cfg.backbone.crop_pct
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("head", ["small", "large"])
+def test_head_override_wins_over_backbone_default(make_cfg, backbone: str, head: str) -> None:
+    cfg = make_cfg(f"backbone={backbone}", f"head={head}")
+    assert cfg.head.name == head
+
+
+@pytest.mark.parametrize("freeze", [("false", False), ("true", True), ("layer3", "layer3"), ("2", 2)])
+def test_freeze_and_lr_are_top_level_values(make_cfg, freeze) -> None:
+    text, value = freeze
+    cfg = make_cfg(f"freeze={text}", "lr=1e-2")
+    assert cfg.freeze == value
+    assert cfg.lr == pytest.approx(1e-2)
+    assert cfg.optimizer.lr == pytest.approx(1e-2), "the optimizer must take the top-level lr"
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd", "adamw"])
+def test_optimizer_is_partial_and_takes_lr(make_cfg, optimizer: str) -> None:
+    cfg = make_cfg(f"optimizer={optimizer}", "lr=1e-3")
+    assert cfg.optimizer._partial_ is True
+    assert cfg.optimizer._target_.lower().endswith(optimizer)
+    assert cfg.optimizer.lr == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("data", ["synthetic", "utkface", "imdb_wiki", "csv"])
+def test_data_options_compose_with_the_documented_keys(make_cfg, data: str) -> None:
+    cfg = make_cfg(f"data={data}", "data.root=/some/where", "data.batch_size=4", "data.num_workers=1",
+                   "data.image_size=48")
+    assert cfg.data.source == data
+    assert cfg.data.root == "/some/where"
+    assert (cfg.data.batch_size, cfg.data.num_workers, cfg.data.image_size) == (4, 1, 48)
+
+
+@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "scheduler", "debug", "experiment"])
+def test_every_option_of_the_other_groups_composes(make_cfg, group: str) -> None:
+    for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        if option.startswith("_"):
+            continue
+        cfg = make_cfg(f"{group}={option}")
+        assert cfg.backbone.name and cfg.data.source
+
+
+def test_demo_experiment_is_offline_and_pretrained(make_cfg) -> None:
+    cfg = make_cfg("experiment=demo", tiny=False)
+    assert cfg.backbone.source == "efficientnet_lite0_package"
+    assert cfg.pretrained is True
+    assert cfg.data.source == "synthetic"
+    assert cfg.trainer.accelerator == "cpu"
