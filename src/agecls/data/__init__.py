@@ -1,0 +1,3 @@
+from agecls.data.datamodule import AgeDataModule, EmptyDatasetError
+
+__all__ = ["AgeDataModule", "EmptyDatasetError"]

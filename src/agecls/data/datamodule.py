@@ -1,0 +1,258 @@
+"""The LightningDataModule: source -> cleaning -> seeded split -> datasets and loaders."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from agecls.data.cleaning import CleaningOptions, CleaningReport, age_histogram, clean_records
+from agecls.data.dataset import FaceAgeDataset
+from agecls.data.index import build_index, index_file_for
+from agecls.data.sources import Source, make_source
+from agecls.data.splits import SPLITS, assign_splits, read_split_file, relative_paths
+from agecls.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+
+
+class EmptyDatasetError(RuntimeError):
+    """Nothing was left after cleaning."""
+
+
+@dataclass
+class PreparedData:
+    records: pd.DataFrame          # cleaned records with a `split` column
+    report: CleaningReport
+    relative_to: Path              # folder that split.csv paths are relative to
+
+
+class AgeDataModule(L.LightningDataModule):
+    """Reads a data set through its source, cleans, de-duplicates and splits it, and serves
+    train/val/test loaders with the study's augmentation on the training split.
+
+    Everything in `data/*.yaml` arrives here as a keyword argument; options this class does not
+    name (a source's own, such as `subset` or `num_samples`) are passed to the source.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        root: str,
+        image_size: int = 128,
+        batch_size: int = 64,
+        num_workers: int = 2,
+        pin_memory: bool | str = "auto",
+        persistent_workers: bool = True,
+        splits: Sequence[float] = (0.8, 0.1, 0.1),
+        split_seed: int = 0,
+        split_file: str | None = None,
+        age_bin_width: float = 5.0,
+        sampler: str = "shuffle",
+        min_face_score: float = 1.0,
+        min_age: float = 0.0,
+        max_age: float = 100.0,
+        deduplicate: bool = True,
+        check_images: bool = True,
+        cache_dir: str | None = None,
+        crop_pct: float = 0.875,
+        augment: Mapping[str, Any] | None = None,
+        report_dir: str | None = None,
+        test_on: str = "test",
+        face_margin: float = 0.0,
+        **source_options: Any,
+    ) -> None:
+        super().__init__()
+        # Plain lists and dicts (not OmegaConf nodes): they are pickled into checkpoints, which
+        # torch.load(weights_only=True) must be able to read.
+        splits = [float(v) for v in splits]
+        augment = OmegaConf.to_container(augment, resolve=True) if OmegaConf.is_config(augment) else augment
+        source_options = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                          for k, v in source_options.items()}
+        if sampler not in ("shuffle", "balanced"):
+            raise ValueError(f"data.sampler={sampler!r}; choose shuffle or balanced")
+        if test_on not in (*SPLITS, "all"):
+            raise ValueError(f"test split {test_on!r}; choose one of {', '.join((*SPLITS, 'all'))}")
+        self.save_hyperparameters(logger=False)
+        self.source_options = dict(source_options)
+        self.face_margin = float(face_margin)  # used where a source gives face boxes
+        self._prepared: PreparedData | None = None
+        self._reports_written = False
+        self.data_train: FaceAgeDataset | None = None
+        self.data_val: FaceAgeDataset | None = None
+        self.data_test: FaceAgeDataset | None = None
+
+    # ---------------------------------------------------------------------------------- building
+    def make_source(self) -> Source:
+        opts = dict(self.source_options)
+        if self.hparams.source == "synthetic":
+            opts.setdefault("seed", self.hparams.split_seed)
+        return make_source(self.hparams.source, self.hparams.root, **opts)
+
+    def _index_fn(self, source: Source):
+        hp = self.hparams
+        cache_file = index_file_for(hp.cache_dir, source.root, source.name) if hp.cache_dir else None
+        workers = max(1, int(hp.num_workers)) if hp.num_workers else 1
+
+        def index(paths: list[str]) -> pd.DataFrame:
+            return build_index(paths, cache_file, decode=bool(hp.check_images), workers=workers)
+
+        return index
+
+    def prepare_data(self) -> None:
+        """Download or generate the data and build the image index (once, on local rank 0)."""
+        source = self.make_source()
+        source.prepare()
+        self._prepare(source)
+
+    def _prepare(self, source: Source | None = None) -> PreparedData:
+        if self._prepared is not None:
+            return self._prepared
+        hp = self.hparams
+        source = source or self.make_source()
+        loaded = source.load()
+        opts = CleaningOptions(
+            min_face_score=hp.min_face_score,
+            min_age=hp.min_age,
+            max_age=hp.max_age,
+            check_images=hp.check_images,
+            deduplicate=hp.deduplicate,
+        )
+        records, report = clean_records(loaded.records, opts, self._index_fn(source), loaded.removed)
+        if len(records) == 0:
+            counts = ", ".join(f"{k}: {v}" for k, v in report.removed.items()) or "none"
+            raise EmptyDatasetError(
+                f"No usable images in data.root={str(source.root)!r} (source {source.name}): "
+                f"{report.records_in} records found, all removed by cleaning ({counts}). "
+                "Check data.root, or loosen data.min_face_score / data.min_age / data.max_age."
+            )
+        rel = source.relative_to
+        if hp.split_file:
+            records = self._apply_split_file(records, rel, report)
+        else:
+            records = records.assign(split=assign_splits(records, hp.splits, hp.split_seed, hp.age_bin_width))
+        report.splits = {s: int((records["split"] == s).sum()) for s in SPLITS}
+        self._prepared = PreparedData(records, report, rel)
+        return self._prepared
+
+    def _apply_split_file(self, records: pd.DataFrame, rel: Path, report: CleaningReport) -> pd.DataFrame:
+        table = read_split_file(self.hparams.split_file)
+        mapping = dict(zip(table["path"], table["split"], strict=True))
+        keys = relative_paths(records["path"], rel)
+        split = np.array([mapping.get(k) for k in keys], dtype=object)
+        absent = np.array([s is None for s in split])
+        if absent.any():
+            log.warning("%d cleaned records are not in split file %s and are left out", int(absent.sum()), self.hparams.split_file)
+            report.removed["not_in_split_file"] = int(absent.sum())
+        missing = len(set(mapping) - set(keys))
+        if missing:
+            log.warning("%d paths of split file %s are not among the cleaned records", missing, self.hparams.split_file)
+        records = records.assign(split=split)[~absent].reset_index(drop=True)
+        report.records_out = len(records)
+        return records
+
+    # ------------------------------------------------------------------------------------ stages
+    def setup(self, stage: str | None = None) -> None:
+        prepared = self._prepare()
+        self._write_reports()
+        if self.data_train is not None:
+            return
+        hp = self.hparams
+        recs = prepared.records
+        train = recs[recs["split"] == "train"].reset_index(drop=True)
+        val = recs[recs["split"] == "val"].reset_index(drop=True)
+        test = recs if hp.test_on == "all" else recs[recs["split"] == hp.test_on].reset_index(drop=True)
+        test = test.reset_index(drop=True)
+        ev = eval_transform(hp.image_size, hp.crop_pct)
+        self.data_train = FaceAgeDataset(train, train_transform(hp.image_size, hp.augment, hp.crop_pct), self.face_margin)
+        self.data_val = FaceAgeDataset(val, ev, self.face_margin)
+        self.data_test = FaceAgeDataset(test, ev, self.face_margin)
+        self.test_records = test
+
+    def age_stats(self) -> tuple[float, float]:
+        """Mean and standard deviation of the training ages (years): the model's output scale."""
+        recs = self._prepare().records
+        ages = recs.loc[recs["split"] == "train", "age"].to_numpy(dtype=float)
+        if len(ages) == 0:
+            ages = recs["age"].to_numpy(dtype=float)
+        return float(ages.mean()), float(ages.std()) if len(ages) > 1 else 1.0
+
+    @property
+    def cleaning_report(self) -> CleaningReport:
+        return self._prepare().report
+
+    def split_table(self) -> pd.DataFrame:
+        """path (relative to the data root), age, split: the content of split.csv."""
+        p = self._prepare()
+        return pd.DataFrame(
+            {"path": relative_paths(p.records["path"], p.relative_to), "age": p.records["age"], "split": p.records["split"]}
+        )
+
+    @rank_zero_only
+    def _write_reports(self) -> None:
+        if self._reports_written:
+            return
+        self._reports_written = True
+        p = self._prepare()
+        log.info("%s\n%s", p.report.summary_table(), age_histogram(
+            {s: p.records.loc[p.records["split"] == s, "age"] for s in SPLITS}))
+        if self.hparams.report_dir:
+            self.save_reports(self.hparams.report_dir)
+
+    def save_reports(self, directory: str | Path) -> None:
+        """Write cleaning.json and split.csv into `directory` (a run directory)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "cleaning.json").write_text(json.dumps(self.cleaning_report.as_dict(), indent=2) + "\n")
+        self.split_table().to_csv(directory / "split.csv", index=False)
+
+    # ----------------------------------------------------------------------------------- loaders
+    def _pin(self) -> bool:
+        pin = self.hparams.pin_memory
+        if isinstance(pin, str):
+            trainer = self.trainer
+            on_gpu = trainer is not None and trainer.accelerator is not None and "CUDA" in type(trainer.accelerator).__name__
+            return on_gpu or (trainer is None and torch.cuda.is_available())
+        return bool(pin)
+
+    def _loader(self, dataset: FaceAgeDataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        workers = int(hp.num_workers)
+        sampler = None
+        if train and hp.sampler == "balanced":
+            bins = np.floor(dataset.ages / float(hp.age_bin_width)).astype(int)
+            counts = np.bincount(bins - bins.min())
+            weights = 1.0 / counts[bins - bins.min()]
+            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(dataset), replacement=True)
+        return DataLoader(
+            dataset,
+            batch_size=int(hp.batch_size),
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self._pin(),
+            persistent_workers=bool(hp.persistent_workers) and workers > 0,
+            # a last training batch of one image breaks BatchNorm; drop it when there are more
+            drop_last=train and len(dataset) > int(hp.batch_size),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.data_train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.data_val, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.data_test, train=False)
+

@@ -1,0 +1,36 @@
+"""A map-style dataset over cleaned records: decode, crop the face box if any, transform."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from agecls.data.images import load_rgb
+
+
+class FaceAgeDataset(Dataset):
+    """Item i is {"image": uint8 CHW, "age": float32, "index": i} for record i."""
+
+    def __init__(self, records: pd.DataFrame, transform: Callable, face_margin: float = 0.0) -> None:
+        self.paths = records["path"].astype(str).tolist()
+        self.ages = records["age"].to_numpy(dtype=np.float32)
+        boxes = records["face_box"].tolist() if "face_box" in records.columns else None
+        self.boxes = boxes if boxes is not None and any(b is not None for b in boxes) else None
+        self.transform = transform
+        self.face_margin = face_margin
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        path = self.paths[i]
+        try:
+            img = load_rgb(path, self.boxes[i] if self.boxes is not None else None, self.face_margin)
+        except Exception as err:  # found after indexing: the file changed, or check_images=false
+            raise RuntimeError(f"cannot read image {path}: {err}. Re-run with data.check_images=true "
+                               "to skip unreadable files when the data set is indexed.") from err
+        return {"image": self.transform(img), "age": torch.tensor(self.ages[i]), "index": torch.tensor(i)}

@@ -1,0 +1,70 @@
+"""What every data source returns: a table of records, one per image, and what it dropped itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+# Columns a source may fill; `path` and `age` always, the rest where the data set knows them.
+RECORD_COLUMNS = [
+    "path",               # absolute path of the image file
+    "age",                # age in years at the time of the photo (float; NaN if unknown)
+    "identity",           # who is in the photo, for identity-disjoint splits
+    "photo_taken",        # year the photo was taken
+    "dob",                # date of birth as a MATLAB serial date number (IMDB-WIKI)
+    "face_score",         # face detector score; -inf where no face was found
+    "second_face_score",  # score of a second face; NaN where only one face was found
+    "face_box",           # (x1, y1, x2, y2) of the face in the image, or None
+]
+
+
+@dataclass
+class SourceRecords:
+    """Records of a data set before cleaning, plus counts of what the source itself could not use."""
+
+    records: pd.DataFrame
+    removed: dict[str, int] = field(default_factory=dict)
+    root: Path | None = None
+    # Extra per-source facts for the cleaning report (e.g. the subset read).
+    info: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if "path" not in self.records or "age" not in self.records:
+            raise ValueError("a source must give at least the columns path and age")
+        self.records["age"] = pd.to_numeric(self.records["age"], errors="coerce").astype(float)
+
+
+class Source:
+    """A data set format. Subclasses implement `load()` and, where they can fetch or make the
+    data, `prepare()`. Cleaning, de-duplication and splitting know nothing of formats."""
+
+    name = "source"
+    #: help shown when `root` does not exist
+    how_to_get = ""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+
+    def prepare(self) -> None:
+        """Download or generate the data if the source can (called once, on rank 0)."""
+
+    def load(self) -> SourceRecords:
+        raise NotImplementedError
+
+    def check_root(self) -> None:
+        if not self.root.exists():
+            raise FileNotFoundError(
+                f"data.root={str(self.root)!r} does not exist (source {self.name}). {self.how_to_get}"
+            )
+
+    @property
+    def relative_to(self) -> Path:
+        """The folder split.csv paths are written relative to."""
+        return self.root if self.root.is_dir() else self.root.parent
+
+
+def empty_float(n: int) -> np.ndarray:
+    return np.full(n, np.nan, dtype=float)

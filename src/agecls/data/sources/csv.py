@@ -1,0 +1,58 @@
+"""A CSV of `path,age` (or `path,dob,photo_date`), with optional `identity` and `face_count`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from agecls.data.sources.base import Source, SourceRecords
+
+
+def age_from_dates(dob: pd.Series, taken: pd.Series) -> pd.Series:
+    """Whole years between birth date and photo date (NaN where either is missing or invalid)."""
+    b = pd.to_datetime(dob, errors="coerce")
+    t = pd.to_datetime(taken, errors="coerce")
+    years = t.dt.year - b.dt.year
+    before_birthday = (t.dt.month < b.dt.month) | ((t.dt.month == b.dt.month) & (t.dt.day < b.dt.day))
+    return (years - before_birthday.astype(float)).astype(float)
+
+
+class CSVSource(Source):
+    name = "csv"
+    how_to_get = "Point data.root at a CSV file with columns path,age (or path,dob,photo_date)."
+
+    def load(self) -> SourceRecords:
+        self.check_root()
+        if self.root.is_dir():
+            raise ValueError(f"data.root={str(self.root)!r} is a folder; the csv source wants the CSV file itself")
+        table = pd.read_csv(self.root)
+        if "path" not in table.columns:
+            raise ValueError(f"{self.root}: no `path` column (columns: {', '.join(table.columns)})")
+        base = self.root.parent
+        out = pd.DataFrame({"path": [str((base / str(p)).resolve()) if not Path(str(p)).is_absolute() else str(p)
+                                     for p in table["path"]]})
+        if "age" in table.columns:
+            out["age"] = pd.to_numeric(table["age"], errors="coerce")
+        elif {"dob", "photo_date"} <= set(table.columns):
+            out["age"] = age_from_dates(table["dob"], table["photo_date"])
+            out["photo_taken"] = pd.to_datetime(table["photo_date"], errors="coerce").dt.year.astype(float)
+            # an unparseable date of birth is reported by the invalid_dob rule
+            out["dob_valid"] = pd.to_datetime(table["dob"], errors="coerce").notna()
+        else:
+            raise ValueError(
+                f"{self.root}: needs an `age` column, or `dob` and `photo_date` columns "
+                f"(columns: {', '.join(table.columns)})"
+            )
+        if "identity" in table.columns:
+            out["identity"] = table["identity"].astype(str)
+        if "face_count" in table.columns:
+            # more than one face in the photo: the same rule as IMDB-WIKI's second face
+            count = pd.to_numeric(table["face_count"], errors="coerce")
+            out["second_face_score"] = np.where(count > 1, 1.0, np.nan)
+        return SourceRecords(out, root=base)
+
+    @property
+    def relative_to(self) -> Path:
+        return self.root.parent

@@ -1,0 +1,41 @@
+"""UTKFace: a folder of aligned crops named `age_gender_race_datetime.jpg.chip.jpg`."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pandas as pd
+
+from agecls.data.images import list_images
+from agecls.data.sources.base import Source, SourceRecords
+
+log = logging.getLogger(__name__)
+
+# The age is the first field. Real names break the rest of the pattern (a missing race field, a
+# space before .jpg, a missing dot), so only the leading integer is required.
+_AGE = re.compile(r"^(\d{1,3})_")
+
+
+class UTKFaceSource(Source):
+    name = "utkface"
+    how_to_get = (
+        "Download UTKFace's aligned & cropped faces (UTKFace.tar.gz, https://susanqq.github.io/UTKFace/), "
+        "unpack it and point data.root (or AGECLS_UTKFACE_DIR) at the folder of *.jpg.chip.jpg files."
+    )
+
+    def load(self) -> SourceRecords:
+        self.check_root()
+        files = list_images(self.root)
+        paths, ages, bad = [], [], []
+        for f in files:
+            m = _AGE.match(f.name)
+            if m is None:
+                bad.append(f.name)
+                continue
+            paths.append(str(f))
+            ages.append(float(m.group(1)))
+        if bad:
+            log.warning("%d UTKFace names carry no leading age and were skipped, e.g. %s", len(bad), bad[:3])
+        records = pd.DataFrame({"path": paths, "age": ages})
+        return SourceRecords(records, removed={"unparseable_name": len(bad)}, root=self.root)
