@@ -116,7 +116,7 @@ def clean_records(
     `index_images(paths)` returns, per path, its content hash `sha1` and whether it decoded (`ok`)
     with the `error`: see agecls.data.index. Without it the file rules are skipped.
     """
-    source_removed = {k: int(v) for k, v in (source_removed or {}).items() if v}
+    source_removed = {k: int(v) for k, v in (source_removed or {}).items()}
     report = CleaningReport(records_in=len(records) + sum(source_removed.values()), removed=dict(source_removed))
     # Sorting first makes every later choice (which copy of a duplicate is kept, the split)
     # independent of the order the file system listed the files in.

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # Truncated files must fail when indexed, not decode half-grey mid-epoch.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -99,6 +99,8 @@ def check_image(path: str | Path, decode: bool = True) -> dict[str, object]:
             rgb = to_rgb(im)
             out["width"], out["height"] = rgb.size
         out["ok"] = True
+    except UnidentifiedImageError:
+        out["error"] = "not an image Pillow can read (unknown format)"
     except Exception as err:  # Pillow raises many kinds for broken files
         out["error"] = f"{type(err).__name__}: {err}"
     return out

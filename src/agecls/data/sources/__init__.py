@@ -7,12 +7,14 @@ from typing import Any
 
 from agecls.data.sources.base import RECORD_COLUMNS, Source, SourceRecords
 from agecls.data.sources.csv import CSVSource
+from agecls.data.sources.imdb_wiki import IMDBWikiSource
 from agecls.data.sources.synthetic import SyntheticSource
 from agecls.data.sources.utkface import UTKFaceSource
 
 SOURCES: dict[str, type[Source]] = {
     "utkface": UTKFaceSource,
     "csv": CSVSource,
+    "imdb_wiki": IMDBWikiSource,
     "synthetic": SyntheticSource,
 }
 
