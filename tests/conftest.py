@@ -77,6 +77,7 @@ def make_cfg(tmp_path: Path, cache_dir: Path):
     def _make(*overrides: str, tiny: bool = True, config_name: str = "train") -> DictConfig:
         synthetic = not any(o.startswith("data=") for o in overrides)
         over = [*(TINY if tiny else []), *(SYNTHETIC if synthetic and tiny else []), f"paths.cache_dir={cache_dir}", *overrides]
-        return compose_cfg(over, tmp_path / "run", config_name)
+        given = [o.split("=", 1)[1] for o in overrides if o.startswith("paths.output_dir=")]
+        return compose_cfg(over, Path(given[-1]) if given else tmp_path / "run", config_name)
 
     return _make

@@ -14,12 +14,13 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
+from agecls.utils.files import keep_previous
 from agecls.utils.hydra_utils import (
     config_dir,
     flat_hparams,
@@ -94,6 +95,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
+    for lg in loggers:  # CSVLogger rewrites metrics.csv; keep a resumed run's earlier one
+        if isinstance(lg, CSVLogger) and lg.log_dir:
+            keep_previous(Path(lg.log_dir) / "metrics.csv")
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
     metrics: dict[str, float] = {}
@@ -116,14 +120,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         metrics["time/test_s"] = time.perf_counter() - t1
         metrics["best_checkpoint"] = ckpt or None
         if trainer.is_global_zero and model.test_results is not None:
-            res = model.test_results
-            frame = outputs.predictions_frame(
-                datamodule.test_records["path"].iloc[res["index"]].tolist(), res["age"], res["predicted"]
-            )
             title = f"{cfg.backbone.name}, freeze={cfg.freeze}, {flat_hparams(cfg)['optimizer']} lr={cfg.lr}"
-            outputs.write_test_outputs(output_dir, frame, metrics, title, trainer.loggers, trainer.global_step)
+            outputs.write_test_stage(output_dir, model.test_results, datamodule.test_records["path"].tolist(),
+                                     metrics, title, trainer.loggers, trainer.global_step)
 
     if trainer.is_global_zero:
+        keep_previous(output_dir / "metrics.json")
         outputs.write_json(output_dir / "metrics.json", metrics)
         keys = ("val/mae_best", "test/mae", "test/pearson", "test/spearman")
         for lg in trainer.loggers:

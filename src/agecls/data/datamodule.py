@@ -13,16 +13,19 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader
 
 from agecls.data.cleaning import CleaningOptions, CleaningReport, age_histogram, clean_records
 from agecls.data.dataset import FaceAgeDataset
 from agecls.data.index import build_index, index_file_for
+from agecls.data.samplers import EpochSampler
 from agecls.data.sources import Source, make_source
 from agecls.data.splits import SPLITS, assign_splits, read_split_file, relative_paths
 from agecls.data.transforms import eval_transform, train_transform
+from agecls.utils.files import write_bytes_keeping_previous
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class AgeDataModule(L.LightningDataModule):
         report_dir: str | None = None,
         test_on: str = "test",
         face_margin: float = 0.0,
+        seed: int | None = None,
         **source_options: Any,
     ) -> None:
         super().__init__()
@@ -84,6 +88,9 @@ class AgeDataModule(L.LightningDataModule):
             raise ValueError(f"data.sampler={sampler!r}; choose shuffle or balanced")
         if test_on not in (*SPLITS, "all"):
             raise ValueError(f"test split {test_on!r}; choose one of {', '.join((*SPLITS, 'all'))}")
+        if seed is None:  # still one fixed seed per run, so order and augmentation are consistent
+            seed = int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+            log.info("data.seed not set; drew %d", seed)
         self.save_hyperparameters(logger=False)
         self.source_options = dict(source_options)
         self.face_margin = float(face_margin)  # used where a source gives face boxes
@@ -175,7 +182,8 @@ class AgeDataModule(L.LightningDataModule):
         test = recs if hp.test_on == "all" else recs[recs["split"] == hp.test_on].reset_index(drop=True)
         test = test.reset_index(drop=True)
         ev = eval_transform(hp.image_size, hp.crop_pct)
-        self.data_train = FaceAgeDataset(train, train_transform(hp.image_size, hp.augment, hp.crop_pct), self.face_margin)
+        self.data_train = FaceAgeDataset(train, train_transform(hp.image_size, hp.augment, hp.crop_pct),
+                                         self.face_margin, seed=int(hp.seed))
         self.data_val = FaceAgeDataset(val, ev, self.face_margin)
         self.data_test = FaceAgeDataset(test, ev, self.face_margin)
         self.test_records = test
@@ -214,8 +222,10 @@ class AgeDataModule(L.LightningDataModule):
         """Write cleaning.json and split.csv into `directory` (a run directory)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "cleaning.json").write_text(json.dumps(self.cleaning_report.as_dict(), indent=2) + "\n")
-        self.split_table().to_csv(directory / "split.csv", index=False)
+        # a resumed run finds the same files (same seed, same data): nothing is rewritten then
+        report = json.dumps(self.cleaning_report.as_dict(), indent=2) + "\n"
+        write_bytes_keeping_previous(directory / "cleaning.json", report.encode())
+        write_bytes_keeping_previous(directory / "split.csv", self.split_table().to_csv(index=False).encode())
 
     # ----------------------------------------------------------------------------------- loaders
     def _pin(self) -> bool:
@@ -230,22 +240,43 @@ class AgeDataModule(L.LightningDataModule):
         hp = self.hparams
         workers = int(hp.num_workers)
         sampler = None
-        if train and hp.sampler == "balanced":
-            bins = np.floor(dataset.ages / float(hp.age_bin_width)).astype(int)
-            counts = np.bincount(bins - bins.min())
-            weights = 1.0 / counts[bins - bins.min()]
-            sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), len(dataset), replacement=True)
+        if train:
+            weights = None
+            if hp.sampler == "balanced":
+                bins = np.floor(dataset.ages / float(hp.age_bin_width)).astype(int)
+                counts = np.bincount(bins - bins.min())
+                weights = 1.0 / counts[bins - bins.min()]
+            sampler = EpochSampler(len(dataset), int(hp.seed), weights=weights, epoch_fn=self._current_epoch)
+        elif self.trainer is not None and self.trainer.world_size > 1:
+            # Each rank evaluates its own share, none repeated: the default DistributedSampler pads
+            # the last share with repeats, which would count some images twice in test metrics.
+            sampler = UnrepeatedDistributedSampler(dataset, num_replicas=self.trainer.world_size,
+                                                   rank=self.trainer.global_rank, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=int(hp.batch_size),
-            shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=workers,
             pin_memory=self._pin(),
             persistent_workers=bool(hp.persistent_workers) and workers > 0,
             # a last training batch of one image breaks BatchNorm; drop it when there are more
             drop_last=train and len(dataset) > int(hp.batch_size),
+            # The loader's own generator seeds the workers, so creating an iterator does not
+            # consume the global RNG that dropout draws from (resume stays exact).
+            generator=torch.Generator().manual_seed(int(hp.seed)),
         )
+
+    def _current_epoch(self) -> int:
+        """The epoch the training loader is about to serve (0 outside a trainer).
+
+        This is the value Lightning passes to `set_epoch`. It is read from the fit loop because
+        on resume Lightning creates the iterator (and worker processes draw indices from the
+        sampler) before it calls `set_epoch`, and before `trainer.current_epoch` is updated
+        from the restored progress.
+        """
+        if self.trainer is None:
+            return 0
+        return int(self.trainer.fit_loop.epoch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.data_train, train=True)

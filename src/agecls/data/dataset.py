@@ -7,30 +7,49 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from agecls.data.images import load_rgb
+from agecls.data.samplers import decode, sample_seed
 
 
 class FaceAgeDataset(Dataset):
-    """Item i is {"image": uint8 CHW, "age": float32, "index": i} for record i."""
+    """Item i is {"image": uint8 CHW, "age": float32, "index": i} for record i.
 
-    def __init__(self, records: pd.DataFrame, transform: Callable, face_margin: float = 0.0) -> None:
+    With a `seed`, the random transform of each sample is seeded by (seed, epoch, i), the epoch
+    coming from the key an EpochSampler yields: augmentation then repeats exactly, in any worker.
+    """
+
+    def __init__(self, records: pd.DataFrame, transform: Callable, face_margin: float = 0.0,
+                 seed: int | None = None) -> None:
         self.paths = records["path"].astype(str).tolist()
         self.ages = records["age"].to_numpy(dtype=np.float32)
         boxes = records["face_box"].tolist() if "face_box" in records.columns else None
         self.boxes = boxes if boxes is not None and any(b is not None for b in boxes) else None
         self.transform = transform
         self.face_margin = face_margin
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        epoch, i = decode(key, len(self.paths))
         path = self.paths[i]
         try:
             img = load_rgb(path, self.boxes[i] if self.boxes is not None else None, self.face_margin)
         except Exception as err:  # found after indexing: the file changed, or check_images=false
             raise RuntimeError(f"cannot read image {path}: {err}. Re-run with data.check_images=true "
                                "to skip unreadable files when the data set is indexed.") from err
-        return {"image": self.transform(img), "age": torch.tensor(self.ages[i]), "index": torch.tensor(i)}
+        if self.seed is None:
+            image = self.transform(img)
+        elif get_worker_info() is not None:
+            # a worker's RNG serves only this: reseed it per sample (a few microseconds)
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            image = self.transform(img)
+        else:
+            # in the main process, leave the caller's RNG state untouched
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, epoch, i))
+                image = self.transform(img)
+        return {"image": image, "age": torch.tensor(self.ages[i]), "index": torch.tensor(i)}

@@ -42,6 +42,10 @@ class Backbone(nn.Module):
         self.model = model
         self.num_features = num_features
         self.name = name
+        # normalisation the weights expect, where the network says (timm), else ImageNet's
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        self.default_mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.default_std = list(cfg.get("std", (0.229, 0.224, 0.225)))
         self.stages: list[tuple[str, list[nn.Module]]] = _find_stages(model)
         self._frozen: list[nn.Module] = []
         self.fully_frozen = False

@@ -11,15 +11,42 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MeanAbsoluteError, MinMetric
+from torchmetrics.utilities.distributed import gather_all_tensors
 
-from agecls.models.backbones import build_backbone
+from agecls.models.backbones import Backbone, build_backbone
 from agecls.models.heads import MLPHead
 from agecls.models.metrics import stage_metrics
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
+
+
+class AgeNet(nn.Module):
+    """The model itself: pixels -> backbone features -> head -> age in years. A plain nn.Module
+    (no training logic), which is what export and inference need."""
+
+    def __init__(self, backbone: Backbone, head: MLPHead, pixel_mean: list[float], pixel_std: list[float],
+                 channels_last: bool = False) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.channels_last = channels_last
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("age_mean", torch.tensor(0.0))
+        self.register_buffer("age_std", torch.tensor(1.0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div(255.0)
+        x = (images - self.pixel_mean) / self.pixel_std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z = self.head(self.backbone(x)).squeeze(-1)
+        return z.float() * self.age_std + self.age_mean
 
 
 class AgeRegressor(L.LightningModule):
@@ -56,17 +83,18 @@ class AgeRegressor(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.backbone = build_backbone(pretrained=pretrained, **backbone)
-        self.head = MLPHead(self.backbone.num_features, head["hidden"], dropout=head_dropout)
-        self.backbone.freeze(freeze)
-
-        mean = backbone.get("mean") or [0.485, 0.456, 0.406]
-        std = backbone.get("std") or [0.229, 0.224, 0.225]
-        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("age_mean", torch.tensor(float(age_mean) if age_mean is not None else 0.0))
-        self.register_buffer("age_std", torch.tensor(float(age_std) if age_std is not None else 1.0))
-        self.register_buffer("age_stats_set", torch.tensor(age_mean is not None and age_std is not None))
+        trunk = build_backbone(pretrained=pretrained, **backbone)
+        trunk.freeze(freeze)
+        self.net = AgeNet(
+            trunk,
+            MLPHead(trunk.num_features, head["hidden"], dropout=head_dropout),
+            pixel_mean=backbone.get("mean") or trunk.default_mean,
+            pixel_std=backbone.get("std") or trunk.default_std,
+            channels_last=channels_last,
+        )
+        self.register_buffer("age_stats_set", torch.tensor(False))
+        if age_mean is not None and age_std is not None:
+            self.set_age_stats(age_mean, age_std)
 
         self.train_mae = MeanAbsoluteError()
         self.val_metrics = stage_metrics("val", cs_threshold)
@@ -74,29 +102,35 @@ class AgeRegressor(L.LightningModule):
         self.val_mae_best = MinMetric()
         self._test_outputs: list[dict[str, torch.Tensor]] = []
         self.test_results: dict[str, Any] | None = None
-        self._forward_fn = self._forward
 
     # ----------------------------------------------------------------------------------- model
+    @property
+    def backbone(self) -> Backbone:
+        return self.net.backbone
+
+    @property
+    def head(self) -> MLPHead:
+        return self.net.head
+
+    @property
+    def age_std(self) -> torch.Tensor:
+        return self.net.age_std
+
+    @property
+    def age_mean(self) -> torch.Tensor:
+        return self.net.age_mean
+
     def set_age_stats(self, mean: float, std: float) -> None:
         """Set the output scale from the training ages (mean, standard deviation, in years)."""
         std = max(float(std), 1e-3)
-        self.age_mean.fill_(float(mean))
-        self.age_std.fill_(std)
+        self.net.age_mean.fill_(float(mean))
+        self.net.age_std.fill_(std)
         self.age_stats_set.fill_(True)
         self.hparams.age_mean, self.hparams.age_std = float(mean), std
 
-    def _forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.dtype == torch.uint8:
-            images = images.float().div_(255.0)
-        x = (images - self.pixel_mean) / self.pixel_std
-        if self.hparams.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        z = self.head(self.backbone(x)).squeeze(-1)
-        return z.float() * self.age_std + self.age_mean
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Predicted age in years, shape (B,)."""
-        return self._forward_fn(images)
+        return self.net(images)
 
     def param_counts(self) -> dict[str, int]:
         total = sum(p.numel() for p in self.parameters())
@@ -115,8 +149,9 @@ class AgeRegressor(L.LightningModule):
             log.info("Output scale from the train split: age mean %.2f, std %.2f years", mean, std)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
-        if self.hparams.compile and stage == "fit" and self._forward_fn == self._forward:
-            self._forward_fn = torch.compile(self._forward)
+        if self.hparams.compile and stage == "fit":
+            # in place (nn.Module.compile): parameters and state_dict keys stay those of self.net
+            self.net.compile()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The checkpoint holds every weight: rebuilding it must not fetch ImageNet weights again
@@ -136,6 +171,13 @@ class AgeRegressor(L.LightningModule):
     def _loss(self, pred: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(pred, age) / self.age_std
 
+    def _for_metrics(self, pred: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # float64 (where the device has it): Pearson/Spearman of nearly constant predictions
+        # (an untrained model) lose digits in float32
+        if pred.device.type == "mps":
+            return pred.detach().float(), age.float()
+        return pred.detach().double(), age.double()
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         age = batch["age"].float()
         pred = self(batch["image"])
@@ -150,7 +192,7 @@ class AgeRegressor(L.LightningModule):
         age = batch["age"].float()
         pred = self(batch["image"])
         self.log("val/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
-        self.val_metrics.update(pred, age)
+        self.val_metrics.update(*self._for_metrics(pred, age))
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
@@ -166,7 +208,7 @@ class AgeRegressor(L.LightningModule):
         age = batch["age"].float()
         pred = self(batch["image"])
         self.log("test/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
-        self.test_metrics.update(pred, age)
+        self.test_metrics.update(*self._for_metrics(pred, age))
         self._test_outputs.append({"index": batch["index"].detach(), "age": age.detach(), "pred": pred.detach().float()})
 
     def on_test_epoch_start(self) -> None:
@@ -179,9 +221,13 @@ class AgeRegressor(L.LightningModule):
         self.log_dict(values)
         local = {k: torch.cat([o[k] for o in self._test_outputs]) if self._test_outputs else torch.empty(0)
                  for k in ("index", "age", "pred")}
-        # Every rank's predictions, so rank 0 can write one predictions.csv. A distributed sampler
-        # pads the last batch with repeats; those are dropped by index.
-        gathered = {k: self.all_gather(v) for k, v in local.items()} if self.trainer.world_size > 1 else local
+        # Every rank's predictions, so rank 0 can write one predictions.csv. Ranks may hold
+        # different numbers of images (an unpadded distributed sampler): gather_all_tensors pads
+        # and trims; any repeats a padded sampler adds are dropped by index.
+        if self.trainer.world_size > 1:
+            gathered = {k: torch.cat(gather_all_tensors(v.to(self.device))) for k, v in local.items()}
+        else:
+            gathered = local
         index = gathered["index"].reshape(-1).cpu().numpy()
         age = gathered["age"].reshape(-1).cpu().numpy()
         pred = gathered["pred"].reshape(-1).cpu().numpy()

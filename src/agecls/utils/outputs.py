@@ -34,7 +34,7 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
 
 
 def predictions_frame(paths: list[str], ages: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"path": paths, "age": np.asarray(ages, dtype=float), "predicted": np.round(np.asarray(predicted, dtype=float), 3)})
+    return pd.DataFrame({"path": paths, "age": np.asarray(ages, dtype=float), "predicted": np.asarray(predicted, dtype=float)})
 
 
 def metrics_by_decade(frame: pd.DataFrame) -> dict[str, float]:
@@ -99,3 +99,26 @@ def write_test_outputs(
         if experiment is not None and hasattr(experiment, "add_figure"):
             experiment.add_figure("test/scatter", fig, global_step=step, close=False)
     plt.close(fig)
+
+
+def write_test_stage(
+    directory: str | Path,
+    test_results: Mapping[str, np.ndarray],
+    test_paths: list[str],
+    metrics: dict[str, Any],
+    title: str,
+    loggers: Any = (),
+    step: int = 0,
+) -> pd.DataFrame:
+    """After trainer.test: predictions.csv and scatter.png (earlier copies kept numbered), and the
+    MAE per decade of true age added to `metrics`. Returns the predictions."""
+    from agecls.utils.files import keep_previous
+
+    directory = Path(directory)
+    frame = predictions_frame([test_paths[i] for i in test_results["index"]], test_results["age"], test_results["predicted"])
+    metrics.update(metrics_by_decade(frame))
+    metrics["test/n_images"] = len(frame)
+    for name in ("predictions.csv", "scatter.png"):
+        keep_previous(directory / name)
+    write_test_outputs(directory, frame, metrics, title, loggers, step)
+    return frame

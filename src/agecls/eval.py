@@ -1,0 +1,87 @@
+"""Test a checkpoint on a data set: metrics.json, predictions.csv, scatter.png.
+
+    python -m agecls.eval ckpt_path=outputs/runs/.../checkpoints/epoch_012.ckpt
+    python -m agecls.eval ckpt_path=PATH data=utkface data.root=/new/faces eval.split=all
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from agecls.data import AgeDataModule
+from agecls.models.module import AgeRegressor
+from agecls.utils import outputs, provenance
+from agecls.utils.files import keep_previous
+from agecls.utils.hydra_utils import config_dir
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str | Path) -> tuple[AgeRegressor, dict[str, Any]]:
+    """The model (no other argument needed) and the raw checkpoint dict."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = AgeRegressor.load_from_checkpoint(path, map_location="cpu")
+    return model, ckpt
+
+
+def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any], report_dir: Path) -> AgeDataModule:
+    """The data set named by cfg.data, or the one the checkpoint was trained on, preprocessed the
+    way the model expects (its image size and crop)."""
+    hp = model.hparams
+    common = dict(image_size=int(hp.image_size), crop_pct=float(hp.crop_pct), test_on=cfg.eval.split,
+                  batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
+                  report_dir=str(report_dir), cache_dir=cfg.paths.cache_dir)
+    if cfg.get("data") is not None:
+        return hydra.utils.instantiate(cfg.data, **common, _convert_="all")
+    saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
+    if not saved:
+        raise ValueError(f"{cfg.ckpt_path} does not record its data set; name one, e.g. data=utkface data.root=DIR")
+    saved.update(common)
+    log.info("Evaluating on the checkpoint's own data: %s at %s (split %s)", saved["source"], saved["root"], cfg.eval.split)
+    return AgeDataModule(**saved)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    provenance.write(output_dir)
+    model, ckpt = load_checkpoint(cfg.ckpt_path)
+    datamodule = build_datamodule(cfg, model, ckpt, output_dir)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[], enable_checkpointing=False)
+    t0 = time.perf_counter()
+    trainer.test(model, datamodule=datamodule)
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    metrics["time/test_s"] = time.perf_counter() - t0
+    metrics["checkpoint"] = str(Path(cfg.ckpt_path).resolve())
+    metrics["split"] = cfg.eval.split
+    if trainer.is_global_zero:
+        hp = model.hparams
+        title = f"{hp.backbone['name']} on {datamodule.hparams.source} ({cfg.eval.split})"
+        outputs.write_test_stage(output_dir, model.test_results, datamodule.test_records["path"].tolist(), metrics, title)
+        keep_previous(output_dir / "metrics.json")
+        outputs.write_json(output_dir / "metrics.json", metrics)
+    log.info("Evaluation of %s: %s", cfg.ckpt_path, {k: v for k, v in metrics.items() if not k.startswith("mae_by")})
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.ckpt_path = str(Path(cfg.ckpt_path).expanduser())
+    log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()
