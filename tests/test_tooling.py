@@ -68,7 +68,10 @@ def test_eval_reproduces_the_training_test_metrics_from_the_checkpoint_alone(tra
 
 
 def test_eval_all_on_a_folder_the_model_never_saw(trained, tmp_path, cache_dir) -> None:
-    folder = _utk_folder(tmp_path / "unseen", 40)
+    folder = _utk_folder(tmp_path / "unseen", 38)
+    # a byte-identical copy and a 110-year-old: each file still gets its prediction
+    shutil.copy(next(folder.iterdir()), folder / "25_0_0_20170101000000000.jpg.chip.jpg")
+    shutil.copy(UTK[0], folder / "110_0_0_20170101000000001.jpg.chip.jpg")
     cfg = _compose("eval", [f"ckpt_path={trained['ckpt']}", "data=utkface", f"data.root={folder}", "eval.split=all",
                             f"paths.cache_dir={cache_dir}", "eval.num_workers=0", "trainer.accelerator=cpu"],
                    tmp_path / "eval")

@@ -42,6 +42,8 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
     common = dict(image_size=int(hp.image_size), crop_pct=float(hp.crop_pct), test_on=cfg.eval.split,
                   batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
                   report_dir=str(report_dir), cache_dir=cfg.paths.cache_dir)
+    if cfg.eval.split == "all":
+        common.update(deduplicate=bool(cfg.eval.all_deduplicate), max_age=float(cfg.eval.all_max_age))
     if cfg.get("data") is not None:
         return hydra.utils.instantiate(cfg.data, **common, _convert_="all")
     saved = dict(ckpt.get("datamodule_hyper_parameters") or {})
