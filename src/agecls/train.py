@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.data.feature_cache import weights_digest
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
 from agecls.utils.files import keep_previous
@@ -52,6 +53,28 @@ def build_model(cfg: DictConfig) -> AgeRegressor:
         channels_last=bool(cfg.get("channels_last", False)),
         compile=bool(cfg.get("compile", False)),
     )
+
+
+def attach_feature_cache(cfg: DictConfig, model: AgeRegressor, datamodule: L.LightningDataModule) -> None:
+    """data.feature_cache=true: the head trains on backbone features computed once."""
+    augment = cfg.data.get("augment") or {}
+    if not model.backbone.fully_frozen or augment.get("enabled", True):
+        raise ValueError(
+            f"data.feature_cache=true needs a fully frozen backbone and no augmentation (features computed "
+            f"once cannot follow a backbone that trains or a new augmentation every epoch); got "
+            f"freeze={cfg.freeze} and data.augment.enabled={augment.get('enabled', True)}. "
+            "Add freeze=true data.augment.enabled=false, or drop data.feature_cache."
+        )
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.trainer.accelerator != "cpu" else "cpu")
+    net = model.net
+
+    def extract(images: torch.Tensor) -> torch.Tensor:
+        if next(net.parameters()).device != images.device:
+            net.to(images.device)
+        net.eval()
+        return net.features(images)
+
+    datamodule.attach_feature_extractor(extract, device, weights_digest(net.backbone))
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -93,6 +116,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     model = build_model(cfg)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    if cfg.data.get("feature_cache"):
+        attach_feature_cache(cfg, model, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     for lg in loggers:  # CSVLogger rewrites metrics.csv; keep a resumed run's earlier one

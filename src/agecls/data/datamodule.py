@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,19 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
+from agecls.data import feature_cache
+from agecls.data.batch_augment import BatchAugment, center_crop
 from agecls.data.cleaning import CleaningOptions, CleaningReport, age_histogram, clean_records
 from agecls.data.dataset import FaceAgeDataset
+from agecls.data.feature_cache import FeatureDataset
 from agecls.data.index import build_index, index_file_for
-from agecls.data.samplers import EpochSampler
+from agecls.data.pixel_cache import CachedImages, PixelCache, cache_key
+from agecls.data.samplers import EpochSampler, sample_seed
 from agecls.data.sources import Source, make_source
 from agecls.data.splits import SPLITS, assign_splits, read_split_file, relative_paths
-from agecls.data.transforms import eval_transform, train_transform
+from agecls.data.transforms import eval_resize, eval_transform, train_transform
 from agecls.utils.files import write_bytes_keeping_previous
 
 log = logging.getLogger(__name__)
@@ -75,6 +80,8 @@ class AgeDataModule(L.LightningDataModule):
         test_on: str = "test",
         face_margin: float = 0.0,
         seed: int | None = None,
+        cache: bool = False,
+        feature_cache: bool = False,
         **source_options: Any,
     ) -> None:
         super().__init__()
@@ -96,9 +103,12 @@ class AgeDataModule(L.LightningDataModule):
         self.face_margin = float(face_margin)  # used where a source gives face boxes
         self._prepared: PreparedData | None = None
         self._reports_written = False
-        self.data_train: FaceAgeDataset | None = None
-        self.data_val: FaceAgeDataset | None = None
-        self.data_test: FaceAgeDataset | None = None
+        self.data_train: Dataset | None = None
+        self.data_val: Dataset | None = None
+        self.data_test: Dataset | None = None
+        self.pixel_cache: PixelCache | None = None
+        self._batch_augment = BatchAugment(image_size, augment) if cache and augment and augment.get("enabled", True) else None
+        self._feature_extractor: tuple[Callable[[torch.Tensor], torch.Tensor], torch.device, str] | None = None
 
     # ---------------------------------------------------------------------------------- building
     def make_source(self) -> Source:
@@ -118,10 +128,27 @@ class AgeDataModule(L.LightningDataModule):
         return index
 
     def prepare_data(self) -> None:
-        """Download or generate the data and build the image index (once, on local rank 0)."""
+        """Download or generate the data, build the image index and, with data.cache, the
+        preprocessing cache (once, on local rank 0)."""
         source = self.make_source()
         source.prepare()
         self._prepare(source)
+        if self.hparams.cache:
+            self._pixel_cache()
+
+    @property
+    def cache_side(self) -> int:
+        """Side of the cached images: the evaluation resize, which leaves the random crop its margin."""
+        return eval_resize(int(self.hparams.image_size), float(self.hparams.crop_pct))
+
+    def _pixel_cache(self) -> PixelCache:
+        if self.pixel_cache is None:
+            hp = self.hparams
+            if not hp.cache_dir:
+                raise ValueError("data.cache=true needs data.cache_dir (paths.cache_dir) to store the pixels in")
+            self.pixel_cache = PixelCache.build_or_load(self._prepare().records, hp.cache_dir, self.cache_side,
+                                                        self.face_margin, workers=max(1, int(hp.num_workers)))
+        return self.pixel_cache
 
     def _prepare(self, source: Source | None = None) -> PreparedData:
         if self._prepared is not None:
@@ -181,12 +208,59 @@ class AgeDataModule(L.LightningDataModule):
         val = recs[recs["split"] == "val"].reset_index(drop=True)
         test = recs if hp.test_on == "all" else recs[recs["split"] == hp.test_on].reset_index(drop=True)
         test = test.reset_index(drop=True)
-        ev = eval_transform(hp.image_size, hp.crop_pct)
-        self.data_train = FaceAgeDataset(train, train_transform(hp.image_size, hp.augment, hp.crop_pct),
-                                         self.face_margin, seed=int(hp.seed))
-        self.data_val = FaceAgeDataset(val, ev, self.face_margin)
-        self.data_test = FaceAgeDataset(test, ev, self.face_margin)
         self.test_records = test
+        if hp.cache:
+            # rows of the cache are the prepared records' rows
+            cache = self._pixel_cache()
+            row = {p: i for i, p in enumerate(recs["path"])}
+            self.data_train, self.data_val, self.data_test = (
+                CachedImages(cache, np.array([row[p] for p in part["path"]]), part["age"].to_numpy())
+                for part in (train, val, test)
+            )
+        else:
+            ev = eval_transform(hp.image_size, hp.crop_pct)
+            self.data_train = FaceAgeDataset(train, train_transform(hp.image_size, hp.augment, hp.crop_pct),
+                                             self.face_margin, seed=int(hp.seed))
+            self.data_val = FaceAgeDataset(val, ev, self.face_margin)
+            self.data_test = FaceAgeDataset(test, ev, self.face_margin)
+        if self._feature_extractor is not None:
+            self._use_features(train, val, test)
+
+    # ------------------------------------------------------------------------- feature cache
+    def attach_feature_extractor(self, extract: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                                 weights_key: str) -> None:
+        """Train on features: `extract` maps a uint8 image batch on `device` to backbone features.
+
+        Called before setup (agecls.train does it for data.feature_cache=true with a frozen
+        backbone and no augmentation). The features of every split are computed once and cached.
+        """
+        if self.data_train is not None:
+            raise RuntimeError("attach the feature extractor before setup()")
+        self._feature_extractor = (extract, device, weights_key)
+
+    def _use_features(self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame) -> None:
+        extract, device, weights_key = self._feature_extractor
+        hp = self.hparams
+        data_key = cache_key(self._prepare().records, self.cache_side, self.face_margin)
+        key = hashlib.sha1(f"{data_key}|{hp.image_size}|{hp.crop_pct}|{hp.test_on}|{weights_key}".encode()).hexdigest()[:20]
+        # evaluation views of every split, in dataset order
+        views = {"train": self._eval_view(self.data_train, train), "val": self.data_val, "test": self.data_test}
+        loaders = {name: DataLoader(ds, batch_size=int(hp.batch_size), shuffle=False, num_workers=int(hp.num_workers),
+                                    collate_fn=getattr(ds, "collate_fn", None))
+                   for name, ds in views.items()}
+        feats = feature_cache.build_or_load(key, hp.cache_dir, loaders, self._cropping(extract), device)
+        self.data_train = FeatureDataset(feats["train"], train["age"].to_numpy())
+        self.data_val = FeatureDataset(feats["val"], val["age"].to_numpy())
+        self.data_test = FeatureDataset(feats["test"], test["age"].to_numpy())
+
+    def _eval_view(self, dataset: Dataset, records: pd.DataFrame) -> Dataset:
+        if isinstance(dataset, CachedImages):
+            return dataset
+        return FaceAgeDataset(records, eval_transform(self.hparams.image_size, self.hparams.crop_pct), self.face_margin)
+
+    def _cropping(self, extract: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        size = int(self.hparams.image_size)
+        return lambda images: extract(center_crop(images, size) if images.shape[-1] != size else images)
 
     def age_stats(self) -> tuple[float, float]:
         """Mean and standard deviation of the training ages (years): the model's output scale."""
@@ -236,7 +310,21 @@ class AgeDataModule(L.LightningDataModule):
             return on_gpu or (trainer is None and torch.cuda.is_available())
         return bool(pin)
 
-    def _loader(self, dataset: FaceAgeDataset, train: bool) -> DataLoader:
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With data.cache: the study's augmentation on the device that holds the batch (per
+        sample, seeded by (seed, epoch, first sample)), or the evaluation centre crop."""
+        if not self.hparams.cache or not isinstance(batch, dict) or "image" not in batch:
+            return batch
+        trainer = self.trainer
+        if self._batch_augment is not None and trainer is not None and trainer.training:
+            epoch = int(batch["epoch"][0]) if "epoch" in batch else 0
+            g = torch.Generator().manual_seed(sample_seed(int(self.hparams.seed), epoch, int(batch["index"][0])))
+            batch["image"] = self._batch_augment(batch["image"], g)
+        else:
+            batch["image"] = center_crop(batch["image"], int(self.hparams.image_size))
+        return batch
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
         workers = int(hp.num_workers)
         sampler = None
@@ -264,6 +352,7 @@ class AgeDataModule(L.LightningDataModule):
             # The loader's own generator seeds the workers, so creating an iterator does not
             # consume the global RNG that dropout draws from (resume stays exact).
             generator=torch.Generator().manual_seed(int(hp.seed)),
+            collate_fn=getattr(dataset, "collate_fn", None),  # cached pixels come as whole batches
         )
 
     def _current_epoch(self) -> int:

@@ -39,14 +39,22 @@ class AgeNet(nn.Module):
         self.register_buffer("age_mean", torch.tensor(0.0))
         self.register_buffer("age_std", torch.tensor(1.0))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features of uint8 (0..255) or float ([0, 1]) RGB images."""
         if images.dtype == torch.uint8:
             images = images.float().div(255.0)
         x = (images - self.pixel_mean) / self.pixel_std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        z = self.head(self.backbone(x)).squeeze(-1)
+        return self.backbone(x)
+
+    def from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Age in years from backbone features (the head and the output scale)."""
+        z = self.head(features).squeeze(-1)
         return z.float() * self.age_std + self.age_mean
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.from_features(self.features(images))
 
 
 class AgeRegressor(L.LightningModule):
@@ -171,6 +179,12 @@ class AgeRegressor(L.LightningModule):
     def _loss(self, pred: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         return F.l1_loss(pred, age) / self.age_std
 
+    def _predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # cached backbone features (data.feature_cache) go straight to the head
+        if "features" in batch:
+            return self.net.from_features(batch["features"])
+        return self(batch["image"])
+
     def _for_metrics(self, pred: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # float64 (where the device has it): Pearson/Spearman of nearly constant predictions
         # (an untrained model) lose digits in float32
@@ -180,7 +194,7 @@ class AgeRegressor(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         age = batch["age"].float()
-        pred = self(batch["image"])
+        pred = self._predict(batch)
         loss = self._loss(pred, age)
         self.train_mae(pred.detach(), age)
         bs = age.shape[0]
@@ -190,7 +204,7 @@ class AgeRegressor(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         age = batch["age"].float()
-        pred = self(batch["image"])
+        pred = self._predict(batch)
         self.log("val/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
         self.val_metrics.update(*self._for_metrics(pred, age))
 
@@ -206,7 +220,7 @@ class AgeRegressor(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         age = batch["age"].float()
-        pred = self(batch["image"])
+        pred = self._predict(batch)
         self.log("test/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
         self.test_metrics.update(*self._for_metrics(pred, age))
         self._test_outputs.append({"index": batch["index"].detach(), "age": age.detach(), "pred": pred.detach().float()})
@@ -236,7 +250,7 @@ class AgeRegressor(L.LightningModule):
         self._test_outputs = []
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        return {"index": batch["index"], "predicted": self(batch["image"])}
+        return {"index": batch["index"], "predicted": self._predict(batch)}
 
     # -------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:
