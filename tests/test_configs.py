@@ -76,7 +76,8 @@ def test_every_option_of_the_other_groups_composes(make_cfg, group: str) -> None
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         if option.startswith("_"):
             continue
-        cfg = make_cfg(f"{group}={option}")
+        # experiments bring their own data set; the tiny synthetic overrides do not apply to them
+        cfg = make_cfg(f"{group}={option}", tiny=group != "experiment")
         assert cfg.backbone.name and cfg.data.source
 
 
@@ -86,3 +87,14 @@ def test_demo_experiment_is_offline_and_pretrained(make_cfg) -> None:
     assert cfg.pretrained is True
     assert cfg.data.source == "synthetic"
     assert cfg.trainer.accelerator == "cpu"
+
+
+def test_results_experiments_share_one_split_and_differ_only_where_they_say(make_cfg) -> None:
+    unfrozen = make_cfg("experiment=utkface_unfrozen", "seed=7", tiny=False)
+    frozen = make_cfg("experiment=utkface_frozen", "seed=7", tiny=False)
+    scratch = make_cfg("experiment=utkface_scratch", tiny=False)
+    assert unfrozen.data.split_seed == frozen.data.split_seed == scratch.data.split_seed == 42
+    assert unfrozen.freeze is False and frozen.freeze is True and frozen.data.feature_cache is True
+    assert scratch.pretrained is False and unfrozen.pretrained is True
+    assert unfrozen.backbone.name == frozen.backbone.name == "tf_efficientnet_lite0"
+    assert unfrozen.head.name == "small"

@@ -249,6 +249,20 @@ def test_split_ignores_record_order_and_keeps_identities_together() -> None:
     assert (a != c).any(), "another seed gives another split"
 
 
+
+def test_a_copy_of_the_data_elsewhere_gets_the_same_split(tmp_path: Path) -> None:
+    tables = []
+    for where in ("here", "there/deeper"):
+        root = tmp_path / where / "utk"
+        root.mkdir(parents=True)
+        for f in UTK_FILES[::300][:60]:
+            shutil.copy(f, root / f.name)
+        dm = _dm(tmp_path / where, "utkface", root, split_seed=7)
+        dm.setup("fit")
+        tables.append(dm.split_table())
+    assert tables[0].equals(tables[1])
+
+
 def test_split_file_is_reused(utk_dm: AgeDataModule, tmp_path: Path) -> None:
     saved = pd.read_csv(Path(utk_dm.hparams.report_dir) / "split.csv")
     edited = saved.copy()

@@ -81,6 +81,7 @@ class AgeDataModule(L.LightningDataModule):
         face_margin: float = 0.0,
         seed: int | None = None,
         cache: bool = False,
+        cache_num_workers: int = 0,
         feature_cache: bool = False,
         **source_options: Any,
     ) -> None:
@@ -175,7 +176,8 @@ class AgeDataModule(L.LightningDataModule):
         if hp.split_file:
             records = self._apply_split_file(records, rel, report)
         else:
-            records = records.assign(split=assign_splits(records, hp.splits, hp.split_seed, hp.age_bin_width))
+            records = records.assign(split=assign_splits(records, hp.splits, hp.split_seed, hp.age_bin_width,
+                                                         keys=relative_paths(records["path"], rel)))
         report.splits = {s: int((records["split"] == s).sum()) for s in SPLITS}
         self._prepared = PreparedData(records, report, rel)
         return self._prepared
@@ -326,7 +328,7 @@ class AgeDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
-        workers = int(hp.num_workers)
+        workers = int(hp.cache_num_workers) if isinstance(dataset, CachedImages) else int(hp.num_workers)
         sampler = None
         if train:
             weights = None

@@ -35,15 +35,15 @@ from agecls.data.samplers import decode
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when preprocessing changes meaning
+CACHE_VERSION = 2  # bump when preprocessing changes meaning
 
 
 def preprocess(path: str, box: tuple[float, ...] | None, margin: float, side: int) -> np.ndarray:
     """Decode, crop the face box, resize the short side to `side`, centre-crop a square: (3, side, side)."""
     img = load_rgb(path, box, margin)
-    t = TF.pil_to_tensor(img)
-    t = TF.resize(t, side, antialias=True)  # the same kernel as the evaluation transform
-    return TF.center_crop(t, side).numpy()
+    # the same Pillow kernels as the evaluation transform, so its centre crop is the same view
+    img = TF.resize(img, side, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.pil_to_tensor(TF.center_crop(img, side)).numpy()
 
 
 def cache_key(records: pd.DataFrame, side: int, margin: float) -> str:

@@ -16,6 +16,7 @@ def assign_splits(
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
     bin_width: float = 5.0,
+    keys: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Return 'train' / 'val' / 'test' for each record.
 
@@ -24,19 +25,23 @@ def assign_splits(
     own group. Groups are binned by their median age and each bin is divided in the given
     fractions, so every split sees the same age distribution. The result depends only on the
     records' paths, ages and identities and the seed, not on the order of `records`.
+
+    `keys` name the records where their paths would tie the split to one machine: agecls passes
+    paths relative to the data root, so a copy of the data set elsewhere gets the same split.
     """
     fractions = np.asarray(fractions, dtype=float)
     if fractions.shape != (3,) or (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0):
         raise ValueError(f"data.splits={list(fractions)} must be three non-negative shares (train, val, test) summing to 1")
     if len(records) == 0:
         return np.array([], dtype=object)
+    names = pd.Series(list(keys) if keys is not None else records["path"].astype(str).tolist(), index=records.index)
     if "identity" in records.columns and records["identity"].notna().any():
         ident = records["identity"].astype(str)
         # records without an identity stand alone
         missing = records["identity"].isna()
-        group = np.where(missing, "path:" + records["path"].astype(str), "id:" + ident)
+        group = np.where(missing, "path:" + names, "id:" + ident)
     else:
-        group = ("path:" + records["path"].astype(str)).to_numpy()
+        group = ("path:" + names).to_numpy()
     frame = pd.DataFrame({"group": group, "age": records["age"].to_numpy(dtype=float)})
     groups = frame.groupby("group", sort=True).agg(age=("age", "median"), size=("age", "size"))
     groups["bin"] = np.floor(groups["age"] / float(bin_width)).astype(int)

@@ -1,7 +1,9 @@
 """Per-sample transforms: the study's augmentation for training, resize + centre crop for evaluation.
 
-Both return uint8 CHW tensors: pixels stay 8-bit until the model (which knows its backbone's
-normalisation) converts them, so batches are 4x smaller to collate, pin and copy to the GPU.
+They work on PIL images, as torchvision's transforms are usually used (Pillow's C kernels for
+resize, rotation and affine warps are faster than the same ops on single tensors), and end in
+uint8 CHW tensors: pixels stay 8-bit until the model (which knows its backbone's normalisation)
+converts them, so batches are 4x smaller to collate, pin and copy to the GPU.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torchvision.transforms import InterpolationMode, v2
 
 
@@ -22,9 +23,9 @@ def eval_resize(image_size: int, crop_pct: float) -> int:
 def eval_transform(image_size: int, crop_pct: float = 0.875) -> v2.Compose:
     return v2.Compose(
         [
-            v2.PILToTensor(),
             v2.Resize(eval_resize(image_size, crop_pct), interpolation=InterpolationMode.BILINEAR, antialias=True),
             v2.CenterCrop(image_size),
+            v2.PILToTensor(),
         ]
     )
 
@@ -34,7 +35,7 @@ def train_transform(image_size: int, augment: Mapping[str, Any] | None, crop_pct
     affine. Every sample gets its own draw, a new one every epoch. A null option is skipped."""
     if not augment or not augment.get("enabled", True):
         return eval_transform(image_size, crop_pct)
-    steps: list[Any] = [v2.PILToTensor()]
+    steps: list[Any] = []
     if augment.get("hflip"):
         steps.append(v2.RandomHorizontalFlip(p=float(augment["hflip"])))
     if augment.get("color_jitter"):
@@ -65,5 +66,5 @@ def train_transform(image_size: int, augment: Mapping[str, Any] | None, crop_pct
                 interpolation=InterpolationMode.BILINEAR,
             )
         )
-    steps.append(v2.ToDtype(torch.uint8))
+    steps.append(v2.PILToTensor())
     return v2.Compose(steps)
