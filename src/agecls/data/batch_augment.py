@@ -6,11 +6,10 @@ per-sample transforms draw them (RandomHorizontalFlip, ColorJitter with its rand
 RandomRotation, RandomResizedCrop with its ten attempts and fallback, RandomAffine with integer
 translations), then applied to the batch at once:
 
-* colour: Kornia's torchvision-compatible kernels (`adjust_brightness_accumulative`,
-  `adjust_contrast_with_mean_subtraction`, `adjust_saturation_with_gray_subtraction`) with
-  per-sample factors, in each sample's own order, before the geometry as in the study; the hue
-  shift is `hue_shift` below, because Kornia's `adjust_hue` measured 3.5x slower (Kornia's
-  ColorJitter would also draw one order for the whole batch);
+* colour: per-sample factors, in each sample's own order, before the geometry as in the study.
+  Brightness and contrast are Kornia's torchvision-compatible kernels; saturation and hue are
+  written here because Kornia's measured 10x and 3.5x slower on the CPU (see `saturation`,
+  `hue_shift`); Kornia's ColorJitter would also draw one order for the whole batch;
 * geometry: flip, rotation, resized crop and affine are all affine maps, so their inverse
   matrices (torchvision's `_get_inverse_affine_matrix` conventions, centre-origin pixel
   coordinates) are composed per sample and the batch is resampled once with `grid_sample`.
@@ -24,6 +23,7 @@ the batch's device.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,11 +31,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kornia.enhance import (
-    adjust_brightness_accumulative,
-    adjust_contrast_with_mean_subtraction,
-    adjust_saturation_with_gray_subtraction,
-)
+from kornia.enhance import adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,6 +49,9 @@ class AugmentParams:
     scale: torch.Tensor       # affine zoom
     shear: torch.Tensor       # (N, 2): affine shear, degrees
 
+    def take(self, rows: slice) -> AugmentParams:
+        return AugmentParams(*(getattr(self, f)[rows] for f in self.__dataclass_fields__))
+
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
     return torch.rand(n, generator=g, dtype=torch.float64) * (hi - lo) + lo
@@ -63,8 +64,17 @@ class BatchAugment:
     skipped, as in the per-sample pipeline.
     """
 
-    def __init__(self, out_size: int, augment: Mapping[str, Any]) -> None:
+    def __init__(self, out_size: int, augment: Mapping[str, Any], chunk: int | None = None) -> None:
         self.size = int(out_size)
+        # torch.compile fuses the hue shift's ~30 element-wise passes into one loop: measured 1.3x
+        # faster for the whole augmentation on 2 CPU cores (51 -> 40 ms per 64 images), for a
+        # one-off compile of 2-7 s. Falls back to eager where compiling fails (no C++ compiler).
+        self.compile = bool((augment or {}).get("compile", True))
+        self._compiled_hue: Any = None
+        # Samples processed together. On the CPU the pixel work is memory-bound: chunks of 8
+        # images (a few MB) stay in cache and run 1.8x faster than whole batches (measured);
+        # on a GPU the whole batch goes at once.
+        self.chunk = chunk
         a = dict(augment or {})
         self.hflip = float(a.get("hflip") or 0.0)
         cj = a.get("color_jitter")
@@ -208,18 +218,49 @@ class BatchAugment:
                 elif kind == 1:
                     sub = adjust_contrast_with_mean_subtraction(sub, f)
                 elif kind == 2:
-                    sub = adjust_saturation_with_gray_subtraction(sub, f)
+                    sub = saturation(sub, f)
                 else:
-                    sub = hue_shift(sub, f)
+                    sub = self._hue(sub, f)
                 x[idx] = sub
         return x
 
+    def _hue(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if self.compile:
+            try:
+                if self._compiled_hue is None:
+                    self._compiled_hue = torch.compile(hue_shift, dynamic=True)
+                return self._compiled_hue(x, delta)
+            except Exception as err:  # no compiler, unsupported platform: eager is correct, only slower
+                log.warning("torch.compile of the hue shift failed (%s); using eager mode", type(err).__name__)
+                self.compile = False
+        return hue_shift(x, delta)
+
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
-        x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
         p = self.sample(n, h, w, g)
-        x = self.color(x, p)
-        return self.warp(x, self.source_matrix(p, h, w)).clamp_(0.0, 1.0)
+        matrix = self.source_matrix(p, h, w)
+        chunk = self.chunk or (n if images.device.type != "cpu" else 8)
+        out = torch.empty(n, 3, self.size, self.size, device=images.device, dtype=torch.float32)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            x = images[rows].to(torch.float32)
+            if images.dtype == torch.uint8:
+                x.mul_(1.0 / 255.0)
+            x = self.color(x, p.take(rows))
+            out[rows] = self.warp(x, matrix[rows]).clamp_(0.0, 1.0)
+        return out
+
+
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as kornia's rgb_to_grayscale
+
+
+def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Blend with the per-pixel grey by a per-sample factor: kornia's
+    adjust_saturation_with_gray_subtraction (= torchvision's adjust_saturation), 10x faster on the
+    CPU (1.5 against 16 ms for 64 images of 146 px)."""
+    r, g, b = x.unbind(-3)
+    gray = (r * _GRAY[0]).add_(g, alpha=_GRAY[1]).add_(b, alpha=_GRAY[2]).unsqueeze(-3)
+    return torch.lerp(gray, x, factor.view(-1, 1, 1, 1).to(x.dtype)).clamp_(0.0, 1.0)
 
 
 def hue_shift(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

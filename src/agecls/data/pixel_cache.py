@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
@@ -42,7 +43,7 @@ def preprocess(path: str, box: tuple[float, ...] | None, margin: float, side: in
     """Decode, crop the face box, resize the short side to `side`, centre-crop a square: (3, side, side)."""
     img = load_rgb(path, box, margin)
     # the same Pillow kernels as the evaluation transform, so its centre crop is the same view
-    img = TF.resize(img, side, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    img = TF.resize(img, side, interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.pil_to_tensor(TF.center_crop(img, side)).numpy()
 
 
