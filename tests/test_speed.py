@@ -166,8 +166,9 @@ def test_fused_geometry_equals_torchvision_sequential_transforms() -> None:
         assert (x[inner] - y[inner]).abs().max() < 2e-3
 
 
-def test_colour_jitter_equals_torchvision_per_sample_in_each_samples_order() -> None:
-    aug = BatchAugment(32, {"color_jitter": [0.1, 0.1, 0.1, 0.1]})
+@pytest.mark.parametrize("compiled", [True, False], ids=["fused-compiled", "masked-eager"])
+def test_colour_jitter_equals_torchvision_per_sample_in_each_samples_order(compiled) -> None:
+    aug = BatchAugment(32, {"color_jitter": [0.1, 0.1, 0.1, 0.1], "compile": compiled})
     x = torch.rand(24, 3, 20, 20)
     p = aug.sample(24, 20, 20, torch.Generator().manual_seed(3))
     y = aug.color(x.clone(), p)
@@ -177,6 +178,7 @@ def test_colour_jitter_equals_torchvision_per_sample_in_each_samples_order() -> 
         for op in p.order[k].tolist():
             z = fns[op](z, float(p.jitter[k, op]))
         assert torch.allclose(z, y[k], atol=1e-4)
+    assert aug.compile == compiled  # the compiled path ran (a failed compile falls back to eager)
 
 
 def test_hue_shift_equals_torchvision() -> None:
@@ -258,7 +260,7 @@ def test_feature_cache_refuses_a_training_backbone(tmp_path, cache_dir) -> None:
 def test_bench_measures_every_mode_and_writes_the_csv(tmp_path, cache_dir) -> None:
     from agecls.bench import Bench, summarize
 
-    cfg = compose_cfg(["data.image_size=32", "data.batch_size=8", "batches=2", "warmup=1", "max_images=64",
+    cfg = compose_cfg(["data.image_size=32", "data.batch_size=8", "batches=2", "warmup=1", "max_images=64", "rounds=2",
                        f"paths.cache_dir={cache_dir}", f"data.root={utkface_dir()}", f"output={tmp_path / 'b.csv'}"],
                       tmp_path / "bench", config_name="bench")
     table = Bench(cfg).run()
@@ -266,6 +268,8 @@ def test_bench_measures_every_mode_and_writes_the_csv(tmp_path, cache_dir) -> No
     for col in ("mode", "backbone", "image_size", "batch_size", "images_per_s", "cpu_ms_per_image", "cache_s_per_1000"):
         assert col in table.columns
     assert (table["images_per_s"] > 0).all()
+    paired = table.set_index("mode")["vs_model_only"]  # per-round ratios against the limit
+    assert paired["model_only"] == 1.0 and paired[["train_naive", "train_fast"]].gt(0).all()
     loads = table.set_index("mode").loc[["load_naive", "load_fast"], "cpu_ms_per_image"]
     assert loads.notna().all() and loads["load_fast"] < loads["load_naive"]
     text = summarize(table)

@@ -39,9 +39,10 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
     """The data set named by cfg.data, or the one the checkpoint was trained on, preprocessed the
     way the model expects (its image size and crop)."""
     hp = model.hparams
+    # Evaluation decodes every image once anyway: no preprocessing cache (data.cache) to build.
     common = dict(image_size=int(hp.image_size), crop_pct=float(hp.crop_pct), test_on=cfg.eval.split,
                   batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
-                  report_dir=str(report_dir), cache_dir=cfg.paths.cache_dir)
+                  report_dir=str(report_dir), cache_dir=cfg.paths.cache_dir, cache=False, feature_cache=False)
     if cfg.eval.split == "all":
         common.update(deduplicate=bool(cfg.eval.all_deduplicate), max_age=float(cfg.eval.all_max_age))
     if cfg.get("data") is not None:

@@ -70,7 +70,7 @@ class BatchAugment:
         # faster for the whole augmentation on 2 CPU cores (51 -> 40 ms per 64 images), for a
         # one-off compile of 2-7 s. Falls back to eager where compiling fails (no C++ compiler).
         self.compile = bool((augment or {}).get("compile", True))
-        self._compiled_hue: Any = None
+        self._compiled_jitter: Any = None
         # Samples processed together. On the CPU the pixel work is memory-bound: chunks of 8
         # images (a few MB) stay in cache and run 1.8x faster than whole batches (measured);
         # on a GPU the whole batch goes at once.
@@ -201,39 +201,30 @@ class BatchAugment:
 
     # ---------------------------------------------------------------------------------- colour
     def color(self, x: torch.Tensor, p: AugmentParams) -> torch.Tensor:
-        """Each sample's four adjustments in its own order (a masked pass per step and kind)."""
+        """Each sample's four adjustments in its own order.
+
+        Compiled (`data.augment.compile`): `jitter_fused`, measured 2.3x faster than the masked
+        form on 2 CPU cores. Eager: a masked pass per step and kind, which gathers and scatters
+        the samples of each kind."""
         if not self.jitter:
             return x
         factors = p.jitter.to(device=x.device, dtype=x.dtype)
         order = p.order.to(x.device)
+        if self.compile:
+            try:
+                if self._compiled_jitter is None:
+                    self._compiled_jitter = torch.compile(jitter_fused, dynamic=True)
+                return self._compiled_jitter(x, factors, order)
+            except Exception as err:  # no compiler, unsupported platform: eager is correct, only slower
+                log.warning("torch.compile of the colour jitter failed (%s); using eager mode", type(err).__name__)
+                self.compile = False
         for step in range(4):
             for kind in range(4):
                 idx = torch.nonzero(order[:, step] == kind).flatten()
                 if idx.numel() == 0:
                     continue
-                f = factors[idx, kind]
-                sub = x[idx]
-                if kind == 0:
-                    sub = adjust_brightness_accumulative(sub, f)
-                elif kind == 1:
-                    sub = adjust_contrast_with_mean_subtraction(sub, f)
-                elif kind == 2:
-                    sub = saturation(sub, f)
-                else:
-                    sub = self._hue(sub, f)
-                x[idx] = sub
+                x[idx] = _ADJUST[kind](x[idx], factors[idx, kind])
         return x
-
-    def _hue(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        if self.compile:
-            try:
-                if self._compiled_hue is None:
-                    self._compiled_hue = torch.compile(hue_shift, dynamic=True)
-                return self._compiled_hue(x, delta)
-            except Exception as err:  # no compiler, unsupported platform: eager is correct, only slower
-                log.warning("torch.compile of the hue shift failed (%s); using eager mode", type(err).__name__)
-                self.compile = False
-        return hue_shift(x, delta)
 
     def __call__(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, h, w = images.shape
@@ -285,6 +276,49 @@ def hue_shift(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return maxc - chroma * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
 
     return torch.stack([channel(5.0), channel(3.0), channel(1.0)], dim=-3)
+
+
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_brightness with a per-sample factor (Kornia's kernel)."""
+    return adjust_brightness_accumulative(x, factor)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's adjust_contrast with a per-sample factor (Kornia's kernel: blend with the
+    mean grey of each image)."""
+    return adjust_contrast_with_mean_subtraction(x, factor)
+
+
+_ADJUST = (brightness, contrast, saturation, hue_shift)  # the order of ColorJitter's factors
+
+
+def jitter_fused(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The four adjustments in each sample's order, written for torch.compile: no data-dependent
+    control flow, no gathers or scatters.
+
+    The hue shift costs several times the other three together, so it runs once for the whole
+    batch: first the adjustments each sample's order puts before its hue shift (steps 0-2; a
+    sample whose hue comes earlier is left as it is), then the hue shift, then the adjustments
+    after it (steps 1-3). Each of those six steps evaluates brightness, contrast and saturation
+    for every sample and keeps the one the sample's order names, fused into one pass."""
+    view = (-1, 1, 1, 1)
+    fb, fc, fs = (factors[:, k].view(view) for k in range(3))
+    hue_at = (order == 3).to(torch.int64).argmax(dim=1)
+
+    def cheap(x: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:  # kind 3: leave as it is
+        r, g, b = x.unbind(-3)
+        gray = (r * _GRAY[0] + g * _GRAY[1] + b * _GRAY[2]).unsqueeze(-3)
+        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+        return torch.where(kind == 0, (x * fb).clamp(0.0, 1.0),
+                           torch.where(kind == 1, (fc * x + (1.0 - fc) * mean).clamp(0.0, 1.0),
+                                       torch.where(kind == 2, (fs * x + (1.0 - fs) * gray).clamp(0.0, 1.0), x)))
+
+    for step in range(3):
+        x = cheap(x, torch.where(hue_at > step, order[:, step], 3).view(view))
+    x = hue_shift(x, factors[:, 3])
+    for step in range(1, 4):
+        x = cheap(x, torch.where(hue_at < step, order[:, step], 3).view(view))
+    return x
 
 
 def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
