@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every run behind docs/results.md, on the real UTKFace folder, through agecls's own commands.
-# About 70 minutes on 2 CPU cores for the main set (EfficientNet-Lite0 trains at ~67 images/s at
-# 128 px there, channels_last), plus 42 minutes for the two ablations.
+# About 61 minutes on 2 CPU cores for the main set (EfficientNet-Lite0 trains at ~67 images/s at
+# 128 px there, channels_last), plus 39 minutes for the two ablations (measured: docs/results.md).
 #   AGECLS_UTKFACE_DIR=/path/to/utkface bash scripts/results.sh [outputs/results]
 # Then: python scripts/results_tables.py outputs/results   (tables and figures for docs/results.md)
 set -euo pipefail
