@@ -67,8 +67,8 @@ class BatchAugment:
     def __init__(self, out_size: int, augment: Mapping[str, Any], chunk: int | None = None) -> None:
         self.size = int(out_size)
         # torch.compile fuses the colour jitter (`jitter_fused`) into a few loops: the whole
-        # augmentation measured 27 ms per 64 images on 2 CPU cores against 54-86 ms eager, for a
-        # one-off compile of a few seconds. Falls back to eager where compiling fails (no C++ compiler).
+        # augmentation measured 28 ms per 64 images on 2 CPU cores against 53 ms eager
+        # (benchmarks/augment_speed.py), for a one-off compile of a few seconds. Falls back to eager where compiling fails (no C++ compiler).
         self.compile = bool((augment or {}).get("compile", True))
         self._compiled_jitter: Any = None
         # Samples processed together. On the CPU the pixel work is memory-bound: chunks of 8
