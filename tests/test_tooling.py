@@ -75,7 +75,9 @@ def test_eval_all_on_a_folder_the_model_never_saw(trained, tmp_path, cache_dir) 
     cfg = _compose("eval", [f"ckpt_path={trained['ckpt']}", "data=utkface", f"data.root={folder}", "eval.split=all",
                             f"paths.cache_dir={cache_dir}", "eval.num_workers=0", "trainer.accelerator=cpu"],
                    tmp_path / "eval")
+    pixel_caches = set((cache_dir / "pixels").glob("*"))
     metrics = evaluate(cfg)
+    assert set((cache_dir / "pixels").glob("*")) == pixel_caches, "eval decodes once: no preprocessing cache"
     preds = pd.read_csv(tmp_path / "eval" / "predictions.csv")
     assert len(preds) == 40 == metrics["test/n_images"]
     assert sorted(Path(p).name for p in preds["path"]) == sorted(p.name for p in folder.iterdir())
