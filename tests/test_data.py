@@ -22,7 +22,7 @@ from agecls.data import AgeDataModule, EmptyDatasetError
 from agecls.data import index as index_module
 from agecls.data.download import DownloadError, download
 from agecls.data.sources.imdb_wiki import age_at_photo
-from agecls.data.splits import assign_splits
+from agecls.data.splits import SplitError, assign_splits
 from agecls.train import train
 from tests.conftest import utkface_dir
 
@@ -61,15 +61,15 @@ def _cell(values: list) -> np.ndarray:
     return out
 
 
-def _write_imdb(root: Path, subset: str = "imdb") -> dict[str, int]:
+def _write_imdb(root: Path, subset: str = "imdb", per_person: int = 5) -> dict[str, int]:
     """A .mat in IMDB-WIKI's real structure, with a known number of records per rule.
 
     Returns the expected counts of cleaning.json's `removed`.
     """
     rows = []  # (file, dob, photo_taken, face_score, second_face_score, celeb_id)
     good = _datenum(date(1980, 3, 1))
-    for i in range(40):  # usable: 8 people, 5 photos each, ages 21..60
-        rows.append((f"{i % 100:02d}/ok_{i}.jpg", _datenum(date(1950 + i, 3, 1)), 2010, 3.0, np.nan, i // 5))
+    for i in range(40):  # usable: 8 people, 5 photos each (per_person), ages 21..60
+        rows.append((f"{i % 100:02d}/ok_{i}.jpg", _datenum(date(1950 + i, 3, 1)), 2010, 3.0, np.nan, i // per_person))
     expected = {
         "no_photo_date": 3, "multiple_faces": 2, "no_face": 2, "low_face_score": 1,
         "invalid_dob": 2, "age_out_of_range": 1, "unreadable": 2, "duplicate": 1, "age_conflict": 2,
@@ -248,6 +248,69 @@ def test_split_ignores_record_order_and_keeps_identities_together() -> None:
     c = pd.Series(assign_splits(recs, seed=4), index=recs["path"])
     assert (a != c).any(), "another seed gives another split"
 
+
+
+def _ages(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(1, 90, n).astype(float)
+
+
+@pytest.mark.parametrize("people", [False, True])
+def test_adding_or_removing_images_moves_no_other_image(people: bool) -> None:
+    n = 1200
+    recs = pd.DataFrame({"path": [f"/d/{i:04d}.jpg" for i in range(n)], "age": _ages(n),
+                         "sha1": [f"{i:040x}" for i in range(n)]})
+    if people:
+        recs["identity"] = [f"p{i // 3}" for i in range(n)]
+    before = pd.Series(assign_splits(recs, seed=7), index=recs["path"])
+    for drop in (0, 517, n - 1):  # one image less
+        fewer = recs.drop(index=drop)
+        after = pd.Series(assign_splits(fewer, seed=7), index=fewer["path"])
+        assert (before.loc[after.index] == after).all()
+    extra = pd.DataFrame({"path": ["/d/new.jpg", "/d/new2.jpg"], "age": [30.0, 70.0], "sha1": ["a" * 40, "b" * 40]})
+    if people:
+        extra["identity"] = ["p0", "someone new"]  # a new photo of a known person joins that person's split
+    more = pd.concat([recs, extra], ignore_index=True)
+    after = pd.Series(assign_splits(more, seed=7), index=more["path"])
+    assert (after.loc[before.index] == before).all()
+    if people:
+        assert after["/d/new.jpg"] == before["/d/0000.jpg"]
+    # shares and age strata hold within sampling noise (measured: benchmarks/split_quality.py)
+    shares = before.value_counts(normalize=True)
+    assert shares["train"] == pytest.approx(0.8, abs=0.05) and shares["test"] == pytest.approx(0.1, abs=0.04)
+
+
+def test_split_follows_the_content_not_the_file_name() -> None:
+    recs = pd.DataFrame({"path": [f"/d/{i}.jpg" for i in range(300)], "age": _ages(300),
+                         "sha1": [f"{i:040x}" for i in range(300)]})
+    renamed = recs.assign(path=[f"/elsewhere/x_{i}.png" for i in range(300)])
+    assert (assign_splits(recs, seed=1) == assign_splits(renamed, seed=1)).all()
+
+
+def test_small_data_sets_get_a_group_in_every_split_or_a_clear_error() -> None:
+    for people in (3, 5, 20):
+        recs = pd.DataFrame({"path": [f"/d/{i}.jpg" for i in range(40)], "age": _ages(40),
+                             "identity": [f"p{i % people}" for i in range(40)]})
+        for seed in range(20):
+            split = assign_splits(recs, seed=seed)
+            assert set(split) == {"train", "val", "test"}, (people, seed)
+            assert recs.assign(split=split).groupby("identity")["split"].nunique().max() == 1
+    two = pd.DataFrame({"path": ["/a.jpg", "/b.jpg", "/c.jpg"], "age": [20.0, 30.0, 40.0], "identity": ["p", "p", "q"]})
+    with pytest.raises(SplitError, match=r"3 images of 2 distinct.*data\.splits=\[0\.8, 0\.1, 0\.1\]"):
+        assign_splits(two, seed=0)
+    assert set(assign_splits(two, fractions=(0.5, 0.0, 0.5), seed=0)) == {"train", "test"}
+
+
+def test_a_small_identity_labelled_wiki_mat_trains(tmp_path: Path, make_cfg) -> None:
+    """40 usable records of 20 people: validation and test each get people, and training runs."""
+    root = tmp_path / "wiki"
+    _write_imdb(root, subset="wiki", per_person=2)
+    cfg = make_cfg("data=imdb_wiki", f"data.root={root}", "data.subset=wiki", "data.num_workers=0",
+                   "data.image_size=32", "data.batch_size=8", f"paths.output_dir={tmp_path / 'run'}")
+    metrics = train(cfg)
+    report = json.loads((tmp_path / "run" / "cleaning.json").read_text())
+    assert report["records_out"] == 40 and report["split_version"] == "hash-v2"
+    assert min(report["splits"].values()) >= 1
+    assert np.isfinite(metrics["val/mae"]) and np.isfinite(metrics["test/mae"])
 
 
 def test_a_copy_of_the_data_elsewhere_gets_the_same_split(tmp_path: Path) -> None:

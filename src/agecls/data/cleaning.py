@@ -46,6 +46,7 @@ class CleaningReport:
     removed: dict[str, int] = field(default_factory=dict)
     records_out: int = 0
     splits: dict[str, int] = field(default_factory=dict)
+    split_version: str = ""        # how the splits were made: agecls.data.splits.SPLIT_VERSION or a split file
     unreadable_examples: list[tuple[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
@@ -54,6 +55,7 @@ class CleaningReport:
             "removed": dict(self.removed),
             "records_out": self.records_out,
             "splits": dict(self.splits),
+            "split_version": self.split_version,
         }
 
     def summary_table(self) -> str:

@@ -28,7 +28,7 @@ from agecls.data.index import build_index, index_file_for
 from agecls.data.pixel_cache import CachedImages, PixelCache, cache_key
 from agecls.data.samplers import EpochSampler, sample_seed
 from agecls.data.sources import Source, make_source
-from agecls.data.splits import SPLITS, assign_splits, read_split_file, relative_paths
+from agecls.data.splits import SPLIT_VERSION, SPLITS, assign_splits, read_split_file, relative_paths
 from agecls.data.transforms import eval_resize, eval_transform, train_transform
 from agecls.utils.files import write_bytes_keeping_previous
 
@@ -175,8 +175,10 @@ class AgeDataModule(L.LightningDataModule):
         rel = source.relative_to
         if hp.split_file:
             records = self._apply_split_file(records, rel, report)
+            report.split_version = f"file:{hp.split_file}"
         else:
-            records = records.assign(split=assign_splits(records, hp.splits, hp.split_seed, hp.age_bin_width,
+            report.split_version = f"hash-v{SPLIT_VERSION}"
+            records = records.assign(split=assign_splits(records, hp.splits, hp.split_seed,
                                                          keys=relative_paths(records["path"], rel)))
         report.splits = {s: int((records["split"] == s).sum()) for s in SPLITS}
         self._prepared = PreparedData(records, report, rel)
@@ -277,11 +279,14 @@ class AgeDataModule(L.LightningDataModule):
         return self._prepare().report
 
     def split_table(self) -> pd.DataFrame:
-        """path (relative to the data root), age, split: the content of split.csv."""
+        """path (relative to the data root), age, split, sha1 (content hash, where indexed): split.csv."""
         p = self._prepare()
-        return pd.DataFrame(
+        table = pd.DataFrame(
             {"path": relative_paths(p.records["path"], p.relative_to), "age": p.records["age"], "split": p.records["split"]}
         )
+        if "sha1" in p.records.columns:
+            table["sha1"] = p.records["sha1"].to_numpy()
+        return table
 
     @rank_zero_only
     def _write_reports(self) -> None:

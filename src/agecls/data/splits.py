@@ -1,7 +1,9 @@
-"""Seeded splits, stratified by age and disjoint by identity wherever identities are known."""
+"""Seeded, stable splits: each group of records goes to train, val or test by a seeded hash of
+its key, so adding or removing images never moves another image between splits."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,56 +12,101 @@ import pandas as pd
 
 SPLITS = ("train", "val", "test")
 
+# The method that assigns splits, recorded in cleaning.json and split.csv's run: results made on
+# one version are only comparable with runs on the same version.
+#   1: one seeded permutation per age bin (agecls <= 0.1; moved images when the data changed)
+#   2: a seeded hash per group (identity, else content hash, else relative path)
+SPLIT_VERSION = 2
+
+
+class SplitError(ValueError):
+    """The data set cannot be divided into the requested splits."""
+
+
+def group_keys(records: pd.DataFrame, keys: Sequence[str] | None = None) -> np.ndarray:
+    """The key that decides each record's split.
+
+    A record's identity where known (all photos of one person go to one split), else its content
+    hash (`sha1`, from the image index: a renamed or moved copy of the data set splits the same),
+    else its name in `keys` (paths relative to the data root) or its path.
+    """
+    names = np.asarray(list(keys) if keys is not None else records["path"].astype(str).tolist(), dtype=object)
+    out = np.array(["path:" + str(n) for n in names], dtype=object)
+    if "sha1" in records.columns:
+        sha1 = records["sha1"].fillna("").astype(str).to_numpy()
+        has = sha1 != ""
+        out[has] = np.array(["sha1:" + s for s in sha1[has]], dtype=object)
+    if "identity" in records.columns:
+        ident = records["identity"]
+        has = ident.notna().to_numpy()
+        out[has] = np.array(["id:" + str(i) for i in ident[has]], dtype=object)
+    return out
+
+
+def group_position(group: str, seed: int) -> float:
+    """A group's seeded place in [0, 1): the same for the same (group, seed) on every machine."""
+    digest = hashlib.sha1(f"agecls-split|{int(seed)}|{group}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def check_fractions(fractions: Sequence[float]) -> np.ndarray:
+    fractions = np.asarray([float(f) for f in fractions], dtype=float)
+    if fractions.shape != (3,) or (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0):
+        raise ValueError(
+            f"data.splits={[float(f) for f in np.ravel(fractions)]} must be three non-negative shares "
+            "(train, val, test) summing to 1, e.g. data.splits=[0.8,0.1,0.1]"
+        )
+    return fractions
+
 
 def assign_splits(
     records: pd.DataFrame,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
     seed: int = 0,
-    bin_width: float = 5.0,
     keys: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Return 'train' / 'val' / 'test' for each record.
 
-    Records of one identity (where the `identity` column exists) form a group that goes to one
-    split, so no person is in both training and test data; without identities each record is its
-    own group. Groups are binned by their median age and each bin is divided in the given
-    fractions, so every split sees the same age distribution. The result depends only on the
-    records' paths, ages and identities and the seed, not on the order of `records`.
+    Each group (`group_keys`: an identity, else an image's content) gets a seeded position in
+    [0, 1) from a hash of its key, and the shares cut [0, 1) into train, val and test. A group's
+    split therefore depends on nothing but its key and the seed: adding or removing images moves
+    no other image, and the order of `records` does not matter. No person is in two splits.
 
-    `keys` name the records where their paths would tie the split to one machine: agecls passes
-    paths relative to the data root, so a copy of the data set elsewhere gets the same split.
+    Age stratification is statistical: the hash is independent of age, so each split's age
+    distribution matches the whole within sampling noise (measured in docs/results.md: on UTKFace,
+    each decade's share differs between splits by under 2 points).
+
+    Small data sets: with at least 3 groups, every split with a positive share gets at least one
+    group (the group whose position lies nearest its interval moves there; only then can a change
+    of data move a group); with fewer, a SplitError names the counts.
     """
-    fractions = np.asarray(fractions, dtype=float)
-    if fractions.shape != (3,) or (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0):
-        raise ValueError(f"data.splits={list(fractions)} must be three non-negative shares (train, val, test) summing to 1")
+    fractions = check_fractions(fractions)
     if len(records) == 0:
         return np.array([], dtype=object)
-    names = pd.Series(list(keys) if keys is not None else records["path"].astype(str).tolist(), index=records.index)
-    if "identity" in records.columns and records["identity"].notna().any():
-        ident = records["identity"].astype(str)
-        # records without an identity stand alone
-        missing = records["identity"].isna()
-        group = np.where(missing, "path:" + names, "id:" + ident)
-    else:
-        group = ("path:" + names).to_numpy()
-    frame = pd.DataFrame({"group": group, "age": records["age"].to_numpy(dtype=float)})
-    groups = frame.groupby("group", sort=True).agg(age=("age", "median"), size=("age", "size"))
-    groups["bin"] = np.floor(groups["age"] / float(bin_width)).astype(int)
+    group = group_keys(records, keys)
+    unique = sorted(set(group.tolist()))
+    position = {g: group_position(g, seed) for g in unique}
+    edges = np.concatenate([[0.0], np.cumsum(fractions)])
+    edges[-1] = 1.0
+    choice = {g: SPLITS[min(int(np.searchsorted(edges, p, side="right")) - 1, 2)] for g, p in position.items()}
 
-    rng = np.random.default_rng(seed)
-    cut = np.cumsum(fractions)[:2]
-    choice: dict[str, str] = {}
-    for _, members in groups.groupby("bin", sort=True):
-        order = rng.permutation(len(members))
-        sizes = members["size"].to_numpy()[order]
-        names = members.index.to_numpy()[order]
-        total = sizes.sum()
-        # a group's position is the middle of the records it covers, so one big identity cannot
-        # push every later group of the bin into the wrong split
-        middle = (np.cumsum(sizes) - sizes / 2.0) / total
-        which = np.searchsorted(cut, middle, side="right")
-        for name, w in zip(names, which, strict=True):
-            choice[name] = SPLITS[int(w)]
+    wanted = [i for i, f in enumerate(fractions) if f > 0]
+    if len(unique) < len(wanted):
+        raise SplitError(
+            f"{len(records)} images of {len(unique)} distinct people/images cannot fill "
+            f"{len(wanted)} splits (data.splits={[float(f) for f in fractions]}): every split needs at "
+            "least one group. Add images of more people, or give fewer splits a non-zero share."
+        )
+    for i in wanted:
+        name = SPLITS[i]
+        if name in choice.values():
+            continue
+        counts = pd.Series(list(choice.values())).value_counts()
+        lo, hi = edges[i], edges[i + 1]
+        # take a group from a split that keeps at least one, nearest to this split's interval
+        donors = [g for g in unique if counts.get(choice[g], 0) > 1]
+        nearest = min(donors, key=lambda g: (max(lo - position[g], position[g] - hi, 0.0), g))
+        choice[nearest] = name
     return np.array([choice[g] for g in group], dtype=object)
 
 
