@@ -13,26 +13,23 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from agecls.data import AgeDataModule
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
+from agecls.utils.checkpoint import read_checkpoint
 from agecls.utils.files import keep_previous
-from agecls.utils.hydra_utils import config_dir
+from agecls.utils.hydra_utils import EVAL_SUMMARY, config_dir, progress_bar_enabled, summary_line
 
 log = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: str | Path) -> tuple[AgeRegressor, dict[str, Any]]:
-    """The model (no other argument needed) and the raw checkpoint dict."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    model = AgeRegressor.load_from_checkpoint(path, map_location="cpu")
-    return model, ckpt
+    """The model (no other argument needed) and the checkpoint dict, read once and safely
+    (tensors and plain values only: agecls.utils.checkpoint.read_checkpoint)."""
+    ckpt = read_checkpoint(path)
+    return AgeRegressor.from_checkpoint(ckpt, path=str(path)), ckpt
 
 
 def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any], report_dir: Path) -> AgeDataModule:
@@ -52,7 +49,17 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
         raise ValueError(f"{cfg.ckpt_path} does not record its data set; name one, e.g. data=utkface data.root=DIR")
     saved.update(common)
     log.info("Evaluating on the checkpoint's own data: %s at %s (split %s)", saved["source"], saved["root"], cfg.eval.split)
-    return AgeDataModule(**saved)
+    datamodule = AgeDataModule(**saved)
+    if cfg.eval.split != "all":
+        # exactly the images the checkpoint was tested (or trained, validated) on, checked by content
+        membership = (ckpt.get(AgeDataModule.__qualname__) or {}).get("split_membership")
+        if membership:
+            datamodule.use_saved_split(membership, cfg.eval.split, allow_changed=bool(cfg.eval.get("allow_changed", False)))
+        else:
+            log.warning("%s does not record which images were in its splits (written by an older agecls): the %s "
+                        "split is rebuilt from the data and data.split_seed, and may differ from the one it was "
+                        "tested on if the data or the split method changed since", cfg.ckpt_path, cfg.eval.split)
+    return datamodule
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -61,13 +68,17 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     provenance.write(output_dir)
     model, ckpt = load_checkpoint(cfg.ckpt_path)
     datamodule = build_datamodule(cfg, model, ckpt, output_dir)
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[], enable_checkpointing=False)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[], enable_checkpointing=False,
+        enable_progress_bar=progress_bar_enabled(cfg.trainer.get("enable_progress_bar")))
     t0 = time.perf_counter()
     trainer.test(model, datamodule=datamodule)
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
     metrics["time/test_s"] = time.perf_counter() - t0
     metrics["checkpoint"] = str(Path(cfg.ckpt_path).resolve())
     metrics["split"] = cfg.eval.split
+    if getattr(datamodule, "membership_check", None):  # the checkpoint's own split: how much of it was evaluated
+        metrics.update({f"members/{k}": v for k, v in datamodule.membership_check.items()})
     if trainer.is_global_zero:
         hp = model.hparams
         title = f"{hp.backbone['name']} on {datamodule.hparams.source} ({cfg.eval.split})"
@@ -82,7 +93,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.ckpt_path = str(Path(cfg.ckpt_path).expanduser())
-    log.info("Config:\n%s", OmegaConf.to_yaml(cfg))
+    # one line; the whole config is in <run dir>/.hydra/config.yaml (`--cfg job` prints it)
+    log.info("Run: %s", summary_line(cfg, EVAL_SUMMARY))
     evaluate(cfg)
 
 

@@ -16,11 +16,12 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from agecls.data.feature_cache import weights_digest
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
+from agecls.utils.checks import check_train_config
 from agecls.utils.files import keep_previous
 from agecls.utils.hydra_utils import (
     config_dir,
@@ -28,8 +29,11 @@ from agecls.utils.hydra_utils import (
     instantiate_callbacks,
     instantiate_loggers,
     metric_value,
+    progress_bar_enabled,
     to_dict,
+    train_summary,
 )
+from agecls.utils.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +82,14 @@ def attach_feature_cache(cfg: DictConfig, model: AgeRegressor, datamodule: L.Lig
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` means this run directory's checkpoints/last.ckpt; a path must exist."""
+    """`last` means this run directory's checkpoints/last.ckpt; a path must exist.
+
+    The file is read once here the safe way (tensors and plain values only) and checked to be an
+    agecls checkpoint, before Lightning loads it to resume: a checkpoint that would run code when
+    unpickled, or is no checkpoint at all, stops the run here with a CheckpointError.
+    """
+    from agecls.utils.checkpoint import read_checkpoint
+
     if not ckpt_path:
         return None
     if ckpt_path == "last":
@@ -88,9 +99,8 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
                 f"ckpt_path=last: no {path}. Resume inside the run directory that was interrupted: "
                 "add hydra.run.dir=<that run's directory> (its checkpoints/last.ckpt is read)."
             )
-        return str(path)
-    if not Path(ckpt_path).exists():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+        ckpt_path = str(path)
+    read_checkpoint(ckpt_path)
     return ckpt_path
 
 
@@ -105,6 +115,8 @@ def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write the run's outputs; return every logged metric."""
+    check_train_config(cfg)  # bad values fail here, before any model, data or indexing work
+    quiet_third_party()
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank_zero_only(provenance.write)(output_dir)
@@ -115,6 +127,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         torch.set_float32_matmul_precision("high")
 
     model = build_model(cfg)
+    counts = model.param_counts()
+    log.info("Model: %s parameters, %s trainable", _millions(counts["params/total"]), _millions(counts["params/trainable"]))
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if cfg.data.get("feature_cache"):
         attach_feature_cache(cfg, model, datamodule)
@@ -123,7 +137,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for lg in loggers:  # CSVLogger rewrites metrics.csv; keep a resumed run's earlier one
         if isinstance(lg, CSVLogger) and lg.log_dir:
             keep_previous(Path(lg.log_dir) / "metrics.csv")
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    progress_bar = progress_bar_enabled(cfg.trainer.get("enable_progress_bar"), callbacks)
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 enable_progress_bar=progress_bar)
 
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -140,7 +156,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not ckpt:
             log.warning("No best checkpoint was saved (fast_dev_run or no validation): testing the current weights")
         t1 = time.perf_counter()
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None)
+        # Restoring the best checkpoint for testing keeps the trainer's step (only fitting restores
+        # loop progress), so test/* land at the run's final step, after every val/* point.
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
         metrics["time/test_s"] = time.perf_counter() - t1
         metrics["best_checkpoint"] = ckpt or None
@@ -152,22 +170,61 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         keep_previous(output_dir / "metrics.json")
         outputs.write_json(output_dir / "metrics.json", metrics)
-        keys = ("val/mae_best", "test/mae", "test/pearson", "test/spearman")
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):  # the HParams tab pairs knobs with these metrics
-                lg.log_hyperparams(flat_hparams(cfg), metrics={k: metrics[k] for k in keys if k in metrics})
+                lg.log_hyperparams(flat_hparams(cfg), metrics=hparams_metrics(metrics), step=trainer.global_step)
             else:
                 lg.log_hyperparams(flat_hparams(cfg))
             lg.finalize("success")
-    log.info("Metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    log.debug("Metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+    log.info("%s", result_line(metrics, output_dir))
     return metrics
+
+
+# The metrics TensorBoard's HParams tab pairs with a run's knobs. They go under their own tags
+# (hp/...): written again under val/... or test/... they would add a second point to those curves.
+HPARAMS_METRICS = ("val/mae_best", "test/mae", "test/pearson", "test/spearman")
+
+
+def hparams_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    return {"hp/" + k.replace("/", "_"): metrics[k] for k in HPARAMS_METRICS if metrics.get(k) is not None}
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f} M" if n >= 100_000 else f"{n:,}"
+
+
+def result_line(metrics: dict[str, Any], output_dir: Path) -> str:
+    """The run's outcome in one line; every metric is in metrics.json."""
+    parts = []
+    if metrics.get("test/mae") is not None:
+        test = f"test MAE {metrics['test/mae']:.2f}"
+        for key, name in (("test/pearson", "Pearson"), ("test/spearman", "Spearman")):
+            if metrics.get(key) is not None:
+                test += f", {name} {metrics[key]:.3f}"
+        if metrics.get("test/n_images") is not None:
+            test += f" on {int(metrics['test/n_images'])} images"
+        parts.append(test)
+    if metrics.get("val/mae_best") is not None:
+        parts.append(f"best val MAE {metrics['val/mae_best']:.2f}")
+    if metrics.get("best_checkpoint"):
+        parts.append(f"best checkpoint {Path(metrics['best_checkpoint']).name}")
+    parts.append(f"{metrics.get('epochs', 0)} epochs in {metrics.get('time/fit_s', 0.0):.0f} s")
+    return "Done: " + "; ".join(parts) + f". Metrics in {output_dir / 'metrics.json'}"
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    log.info("Config:\n%s", OmegaConf.to_yaml(cfg, resolve=True))
+    # One line of key choices; the whole resolved config is in <run dir>/.hydra/config.yaml
+    # (`python -m agecls.train --cfg job` prints it).
+    check_train_config(cfg)
+    log.info("Run: %s", train_summary(cfg))
     metrics = train(cfg)
-    return metric_value(metrics, cfg.get("optimized_metric"))
+    name = cfg.get("optimized_metric")
+    if name and name not in metrics and not cfg.get("train", True):
+        log.warning("optimized_metric=%s is not logged with train=false; the run returns no value", name)
+        return None
+    return metric_value(metrics, name)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,13 @@ from agecls.data.batch_augment import BatchAugment, center_crop
 from agecls.data.cleaning import CleaningOptions, CleaningReport, age_histogram, clean_records
 from agecls.data.dataset import FaceAgeDataset
 from agecls.data.feature_cache import FeatureDataset
-from agecls.data.index import build_index, index_file_for
+from agecls.data.index import build_index, check_verify, index_file_for
 from agecls.data.pixel_cache import CachedImages, PixelCache, cache_key
 from agecls.data.samplers import EpochSampler, sample_seed
 from agecls.data.sources import Source, make_source
 from agecls.data.splits import SPLIT_VERSION, SPLITS, assign_splits, read_split_file, relative_paths
 from agecls.data.transforms import eval_resize, eval_transform, train_transform
+from agecls.utils.checks import check_data_options
 from agecls.utils.files import write_bytes_keeping_previous
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,47 @@ log = logging.getLogger(__name__)
 
 class EmptyDatasetError(RuntimeError):
     """Nothing was left after cleaning."""
+
+
+class SplitMembershipError(ValueError):
+    """Images of a checkpoint's saved split are missing from the data now, or their content changed."""
+
+
+# The split membership a checkpoint carries (AgeDataModule.state_dict): per split, one string of
+# the paths (relative to the data root, as in split.csv) joined by newlines and one bytes of their
+# 20-byte sha1 digests, zeros where the image was not indexed. Compact (500k images: ~30 MB) and
+# plain data, which torch.load(weights_only=True) reads.
+MEMBERSHIP_VERSION = 1
+NO_SHA1 = bytes(20)
+
+
+def encode_membership(table: pd.DataFrame) -> dict[str, Any] | None:
+    """split.csv's table (path, split and, where indexed, sha1) as a checkpoint entry; None if a
+    path holds a newline (it could not be told apart from two)."""
+    paths = table["path"].astype(str)
+    if paths.str.contains("\n", regex=False).any():
+        return None
+    sha1 = table["sha1"].fillna("").astype(str) if "sha1" in table.columns else pd.Series([""] * len(table))
+    splits = {}
+    for name in SPLITS:
+        part = (table["split"] == name).to_numpy()
+        digests = b"".join(bytes.fromhex(h) if len(h) == 40 else NO_SHA1 for h in sha1[part])
+        splits[name] = {"paths": "\n".join(paths[part]), "sha1": digests}
+    return {"version": MEMBERSHIP_VERSION, "splits": splits}
+
+
+def decode_membership(membership: Mapping[str, Any], split: str) -> dict[str, bytes]:
+    """{relative path: sha1 digest (NO_SHA1 where unknown)} of one split of an encoded membership."""
+    version = membership.get("version") if isinstance(membership, Mapping) else None
+    if version != MEMBERSHIP_VERSION or split not in membership.get("splits", {}):
+        raise ValueError(f"split membership version {version!r} without split {split!r}: this agecls reads "
+                         f"version {MEMBERSHIP_VERSION} (train, val, test); was the checkpoint written by a newer agecls?")
+    entry = membership["splits"][split]
+    paths = entry["paths"].split("\n") if entry["paths"] else []
+    digests = bytes(entry["sha1"])
+    if len(digests) != 20 * len(paths):
+        raise ValueError(f"split membership of {split!r}: {len(paths)} paths but {len(digests)} bytes of sha1 digests")
+    return {p: digests[20 * i:20 * i + 20] for i, p in enumerate(paths)}
 
 
 @dataclass
@@ -73,6 +115,7 @@ class AgeDataModule(L.LightningDataModule):
         max_age: float = 100.0,
         deduplicate: bool = True,
         check_images: bool = True,
+        verify: str = "stat",
         cache_dir: str | None = None,
         crop_pct: float = 0.875,
         augment: Mapping[str, Any] | None = None,
@@ -88,10 +131,13 @@ class AgeDataModule(L.LightningDataModule):
         super().__init__()
         # Plain lists and dicts (not OmegaConf nodes): they are pickled into checkpoints, which
         # torch.load(weights_only=True) must be able to read.
-        splits = [float(v) for v in splits]
+        splits = check_data_options(image_size=image_size, batch_size=batch_size, splits=splits,
+                                    num_workers=num_workers, cache_num_workers=cache_num_workers, min_age=min_age,
+                                    max_age=max_age, age_bin_width=age_bin_width, crop_pct=crop_pct)
         augment = OmegaConf.to_container(augment, resolve=True) if OmegaConf.is_config(augment) else augment
         source_options = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                           for k, v in source_options.items()}
+        check_verify(verify)
         if sampler not in ("shuffle", "balanced"):
             raise ValueError(f"data.sampler={sampler!r}; choose shuffle or balanced")
         if test_on not in (*SPLITS, "all"):
@@ -103,6 +149,10 @@ class AgeDataModule(L.LightningDataModule):
         self.source_options = dict(source_options)
         self.face_margin = float(face_margin)  # used where a source gives face boxes
         self._prepared: PreparedData | None = None
+        self._saved_split: tuple[str, dict[str, bytes], bool] | None = None  # use_saved_split
+        self.saved_membership: dict[str, Any] | None = None  # a checkpoint's, from load_state_dict
+        self.membership_check: dict[str, int] | None = None  # how use_saved_split went
+        self._membership_state: dict[str, Any] | None = None  # state_dict, computed once
         self._reports_written = False
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
@@ -124,7 +174,8 @@ class AgeDataModule(L.LightningDataModule):
         workers = max(1, int(hp.num_workers)) if hp.num_workers else 1
 
         def index(paths: list[str]) -> pd.DataFrame:
-            return build_index(paths, cache_file, decode=bool(hp.check_images), workers=workers)
+            return build_index(paths, cache_file, decode=bool(hp.check_images), workers=workers,
+                               verify=hp.get("verify", "stat"))
 
         return index
 
@@ -173,7 +224,10 @@ class AgeDataModule(L.LightningDataModule):
                 "Check data.root, or loosen data.min_face_score / data.min_age / data.max_age."
             )
         rel = source.relative_to
-        if hp.split_file:
+        if self._saved_split is not None:
+            records = self._apply_saved_split(records, rel, report)
+            report.split_version = "checkpoint"
+        elif hp.split_file:
             records = self._apply_split_file(records, rel, report)
             report.split_version = f"file:{hp.split_file}"
         else:
@@ -184,19 +238,100 @@ class AgeDataModule(L.LightningDataModule):
         self._prepared = PreparedData(records, report, rel)
         return self._prepared
 
+    @staticmethod
+    def _split_by_paths(records: pd.DataFrame, rel: Path, mapping: Mapping[str, str]) -> tuple[pd.DataFrame, int, list[str]]:
+        """The records whose path relative to `rel` is in `mapping` (path -> split), with that split
+        (a `_key` column holds the relative path); how many records it left out; and the mapping's
+        paths that are not among the records, sorted."""
+        keys = np.asarray(relative_paths(records["path"], rel), dtype=object)
+        split = np.array([mapping.get(k) for k in keys], dtype=object)
+        absent = np.array([s is None for s in split], dtype=bool)
+        missing = sorted(set(mapping) - set(keys.tolist()))
+        kept = records.assign(split=split, _key=keys)[~absent].reset_index(drop=True)
+        return kept, int(absent.sum()), missing
+
     def _apply_split_file(self, records: pd.DataFrame, rel: Path, report: CleaningReport) -> pd.DataFrame:
         table = read_split_file(self.hparams.split_file)
         mapping = dict(zip(table["path"], table["split"], strict=True))
-        keys = relative_paths(records["path"], rel)
-        split = np.array([mapping.get(k) for k in keys], dtype=object)
-        absent = np.array([s is None for s in split])
-        if absent.any():
-            log.warning("%d cleaned records are not in split file %s and are left out", int(absent.sum()), self.hparams.split_file)
-            report.removed["not_in_split_file"] = int(absent.sum())
-        missing = len(set(mapping) - set(keys))
+        records, absent, missing = self._split_by_paths(records, rel, mapping)
+        if absent:
+            log.warning("%d cleaned records are not in split file %s and are left out", absent, self.hparams.split_file)
+            report.removed["not_in_split_file"] = absent
         if missing:
-            log.warning("%d paths of split file %s are not among the cleaned records", missing, self.hparams.split_file)
-        records = records.assign(split=split)[~absent].reset_index(drop=True)
+            log.warning("%d paths of split file %s are not among the cleaned records", len(missing), self.hparams.split_file)
+        records = records.drop(columns=["_key"])
+        report.records_out = len(records)
+        return records
+
+    # ------------------------------------------------------------------------- saved membership
+    def state_dict(self) -> dict[str, Any]:
+        """Saved by Lightning in every checkpoint (under "AgeDataModule"): the split membership,
+        each image by its path relative to the data root and its content hash (encode_membership),
+        so that a checkpoint can later be evaluated on exactly the images it was tested on."""
+        if self._prepared is None or self._saved_split is not None:
+            return {}
+        if self._membership_state is None:  # the records do not change within a run
+            membership = encode_membership(self.split_table())
+            if membership is None:
+                log.warning("A data path holds a newline: checkpoints will not record the split membership")
+            self._membership_state = {"split_membership": membership} if membership else {}
+        return self._membership_state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep a checkpoint's split membership (Lightning calls this on resume and when testing a
+        checkpoint); it changes nothing by itself: use_saved_split selects by it."""
+        self.saved_membership = state_dict.get("split_membership")
+
+    def use_saved_split(self, membership: Mapping[str, Any], split: str, allow_changed: bool = False) -> None:
+        """Serve exactly the images that were in `split` when `membership` (a checkpoint's, from
+        state_dict) was saved, as that split; call before prepare_data/setup.
+
+        Each saved image is looked up by its relative path among the cleaned records and its sha1
+        is compared with the saved one. If any are missing or changed, preparing the data raises
+        SplitMembershipError naming how many and which; with `allow_changed` it logs a warning and
+        keeps the unchanged ones. `membership_check` then holds the counts.
+        """
+        if self._prepared is not None:
+            raise RuntimeError("use_saved_split must be called before the data are prepared")
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r}: a saved membership has {', '.join(SPLITS)}")
+        self._saved_split = (split, decode_membership(membership, split), bool(allow_changed))
+
+    def _apply_saved_split(self, records: pd.DataFrame, rel: Path, report: CleaningReport) -> pd.DataFrame:
+        split, saved, allow_changed = self._saved_split
+        records, absent, missing = self._split_by_paths(records, rel, dict.fromkeys(saved, split))
+        report.removed["not_in_saved_split"] = absent
+        now = records["sha1"].fillna("").astype(str) if "sha1" in records.columns else pd.Series([""] * len(records))
+        known = np.array([saved[k] != NO_SHA1 and len(h) == 40 for k, h in zip(records["_key"], now, strict=True)], dtype=bool)
+        changed_mask = known & np.array([len(h) == 40 and bytes.fromhex(h) != saved[k]
+                                         for k, h in zip(records["_key"], now, strict=True)], dtype=bool)
+        changed = sorted(records.loc[changed_mask, "_key"])
+        records = records[~changed_mask].drop(columns=["_key"]).reset_index(drop=True)
+        self.membership_check = {"saved": len(saved), "evaluated": len(records), "missing": len(missing),
+                                 "changed": len(changed), "unverified": int((~known).sum())}
+        if self.membership_check["unverified"]:
+            log.warning("%d images of the checkpoint's %s split have no content hash (data.check_images and "
+                        "data.deduplicate off): their paths were checked, not their content",
+                        self.membership_check["unverified"], split)
+        root = self.hparams.root
+        if missing or changed:
+            shown = "; ".join(f"{what}: {', '.join(paths[:5])}{', ...' if len(paths) > 5 else ''}"
+                              for what, paths in (("missing", missing), ("changed", changed)) if paths)
+            counts = (f"{len(missing)} missing (no longer among the cleaned records: deleted, renamed, unreadable, "
+                      f"filtered out or now a duplicate) and {len(changed)} changed (different content: sha1 differs)")
+            if not allow_changed or len(records) == 0:
+                remedy = (f"add eval.allow_changed=true to evaluate only the {len(records)} unchanged images" if len(records)
+                          else "none is left unchanged to evaluate")
+                raise SplitMembershipError(
+                    f"The checkpoint's {split} split ({len(saved)} images) no longer matches data.root={root!r}: "
+                    f"{counts}. {shown}. Evaluating now would test on a different set of images. Restore those "
+                    f"files, or {remedy}."
+                )
+            log.warning("Evaluating %d of the %d images of the checkpoint's %s split (eval.allow_changed=true): %s. %s",
+                        len(records), len(saved), split, counts, shown)
+            report.removed["changed_since_checkpoint"] = len(changed)
+        else:
+            log.info("The checkpoint's %s split, exactly: all %d images present and unchanged", split, len(records))
         report.records_out = len(records)
         return records
 
@@ -223,10 +358,11 @@ class AgeDataModule(L.LightningDataModule):
             )
         else:
             ev = eval_transform(hp.image_size, hp.crop_pct)
+            checked = bool(hp.check_images)  # were files decoded when indexed (for the error message)
             self.data_train = FaceAgeDataset(train, train_transform(hp.image_size, hp.augment, hp.crop_pct),
-                                             self.face_margin, seed=int(hp.seed))
-            self.data_val = FaceAgeDataset(val, ev, self.face_margin)
-            self.data_test = FaceAgeDataset(test, ev, self.face_margin)
+                                             self.face_margin, seed=int(hp.seed), checked=checked)
+            self.data_val = FaceAgeDataset(val, ev, self.face_margin, checked=checked)
+            self.data_test = FaceAgeDataset(test, ev, self.face_margin, checked=checked)
         if self._feature_extractor is not None:
             self._use_features(train, val, test)
 
@@ -260,7 +396,8 @@ class AgeDataModule(L.LightningDataModule):
     def _eval_view(self, dataset: Dataset, records: pd.DataFrame) -> Dataset:
         if isinstance(dataset, CachedImages):
             return dataset
-        return FaceAgeDataset(records, eval_transform(self.hparams.image_size, self.hparams.crop_pct), self.face_margin)
+        return FaceAgeDataset(records, eval_transform(self.hparams.image_size, self.hparams.crop_pct), self.face_margin,
+                              checked=bool(self.hparams.check_images))
 
     def _cropping(self, extract: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         size = int(self.hparams.image_size)
@@ -273,6 +410,14 @@ class AgeDataModule(L.LightningDataModule):
         if len(ages) == 0:
             ages = recs["age"].to_numpy(dtype=float)
         return float(ages.mean()), float(ages.std()) if len(ages) > 1 else 1.0
+
+    def age_range(self) -> tuple[float, float]:
+        """Youngest and oldest training age (years): the range the model's predictions are clipped to."""
+        recs = self._prepare().records
+        ages = recs.loc[recs["split"] == "train", "age"].to_numpy(dtype=float)
+        if len(ages) == 0:
+            ages = recs["age"].to_numpy(dtype=float)
+        return float(ages.min()), float(ages.max())
 
     @property
     def cleaning_report(self) -> CleaningReport:

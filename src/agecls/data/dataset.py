@@ -21,7 +21,7 @@ class FaceAgeDataset(Dataset):
     """
 
     def __init__(self, records: pd.DataFrame, transform: Callable, face_margin: float = 0.0,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, checked: bool = True) -> None:
         self.paths = records["path"].astype(str).tolist()
         self.ages = records["age"].to_numpy(dtype=np.float32)
         boxes = records["face_box"].tolist() if "face_box" in records.columns else None
@@ -29,9 +29,17 @@ class FaceAgeDataset(Dataset):
         self.transform = transform
         self.face_margin = face_margin
         self.seed = seed
+        self.checked = checked  # each file was decoded when indexed (data.check_images=true)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def _unreadable_advice(self) -> str:
+        if self.checked:
+            return ("It passed the check when the data set was indexed at the start of this run, so it changed, "
+                    "vanished or became unreadable since; the next run re-indexes it and drops it if unreadable.")
+        return ("With data.check_images=false files are not decoded when indexed; set data.check_images=true "
+                "to drop unreadable ones before training.")
 
     def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
         epoch, i = decode(key, len(self.paths))
@@ -39,8 +47,8 @@ class FaceAgeDataset(Dataset):
         try:
             img = load_rgb(path, self.boxes[i] if self.boxes is not None else None, self.face_margin)
         except Exception as err:  # found after indexing: the file changed, or check_images=false
-            raise RuntimeError(f"cannot read image {path}: {err}. Re-run with data.check_images=true "
-                               "to skip unreadable files when the data set is indexed.") from err
+            raise RuntimeError(f"cannot read image {path}: {type(err).__name__}: {err}. "
+                               + self._unreadable_advice()) from err
         if self.seed is None:
             image = self.transform(img)
         elif get_worker_info() is not None:

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def download(url: str, dest: str | Path, sha256: str | None = None, timeout: flo
                 have = 0
             length = response.headers.get("Content-Length")
             total = have + int(length) if length is not None else None
-            with part.open("ab" if resumed else "wb") as out, tqdm(
+            with part.open("ab" if resumed else "wb") as out, progress(
                 total=total, initial=have, unit="B", unit_scale=True, desc=f"Downloading {dest.name}"
             ) as bar:
                 for block in iter(lambda: response.read(CHUNK), b""):

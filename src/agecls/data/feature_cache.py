@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+
+from agecls.utils.files import building
+from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def compute_features(extract: Callable[[torch.Tensor], torch.Tensor], loader: Da
                      device: torch.device, desc: str) -> np.ndarray:
     out = []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit="batch", mininterval=2):
+        for batch in progress(loader, desc=desc, unit="batch", mininterval=2):
             out.append(extract(batch["image"].to(device, non_blocking=True)).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
@@ -65,18 +65,11 @@ def build_or_load(key: str, cache_dir: str | Path, loaders: dict[str, DataLoader
     if (final / "meta.json").exists():
         log.info("Feature cache %s (reused)", final)
         return {name: np.load(final / f"{name}.npy") for name in loaders}
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     result = {}
-    for name, loader in loaders.items():
-        result[name] = compute_features(extract, loader, device, f"Backbone features ({name})")
-        np.save(tmp / f"{name}.npy", result[name])
-    (tmp / "meta.json").write_text(json.dumps({"key": key, "splits": {k: list(v.shape) for k, v in result.items()}}))
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with building(final) as tmp:  # renamed when complete; removed on any failure
+        for name, loader in loaders.items():
+            result[name] = compute_features(extract, loader, device, f"Backbone features ({name})")
+            np.save(tmp / f"{name}.npy", result[name])
+        (tmp / "meta.json").write_text(json.dumps({"key": key, "splits": {k: list(v.shape) for k, v in result.items()}}))
     log.info("Computed backbone features once for %s into %s", ", ".join(f"{k}: {len(v)}" for k, v in result.items()), final)
     return result

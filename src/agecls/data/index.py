@@ -1,8 +1,11 @@
 """A cached index of image files: content hash and whether each decodes, computed once per file.
 
-Checking 20,000 JPEGs takes tens of seconds; the index keeps, per file, its size and modification
-time with the result, so the next run re-checks only files that changed. It is written to a temp
-file and renamed, so a run killed mid-write never leaves a half index behind.
+Checking 20,000 JPEGs takes tens of seconds; the index keeps, per file, what `stat` says of it (size,
+modification time, inode-change time, inode number) with the result, so the next run re-checks only
+files that changed. The change time and inode are what git's index also compares: `touch -r` can
+restore a replaced file's modification time, but not its change time, and a file replaced by a
+rename gets a new inode. `verify="full"` re-hashes (and re-decodes) every file regardless. The index
+is written to a temp file and renamed, so a run killed mid-write never leaves a half index behind.
 """
 
 from __future__ import annotations
@@ -15,21 +18,39 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from agecls.data.images import check_image
+from agecls.utils.files import building
+from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
-INDEX_COLUMNS = ["path", "size", "mtime_ns", "sha1", "ok", "error", "width", "height", "decoded"]
+STAT_COLUMNS = ["size", "mtime_ns", "ctime_ns", "inode"]
+INDEX_COLUMNS = ["path", *STAT_COLUMNS, "sha1", "ok", "error", "width", "height", "decoded"]
+VERIFY_MODES = ("stat", "full")
 
 
-def _stat(path: str) -> tuple[int, int]:
+def _stat(path: str) -> tuple[int, int, int, int]:
+    """(size, mtime_ns, ctime_ns, inode); all -1 for a file that cannot be stat'ed."""
     try:
         st = os.stat(path)
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
     except OSError:
-        return -1, -1
+        return -1, -1, -1, -1
+
+
+def check_verify(verify: str) -> str:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"data.verify={verify!r}; choose one of {', '.join(VERIFY_MODES)} "
+                         "(stat: re-check files whose size, times or inode changed; full: re-check every file)")
+    return verify
+
+
+def _same_stat(old: dict, stat: tuple[int, int, int, int]) -> bool:
+    try:
+        return tuple(int(old[c]) for c in STAT_COLUMNS) == stat and stat[0] >= 0
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def _check(args: tuple[str, bool]) -> dict[str, object]:
@@ -48,30 +69,33 @@ def build_index(
     decode: bool = True,
     workers: int = 0,
     desc: str = "Indexing images",
+    verify: str = "stat",
 ) -> pd.DataFrame:
-    """Return one row per path (INDEX_COLUMNS), re-checking only files new or changed since the cache."""
+    """Return one row per path (INDEX_COLUMNS), re-checking only files new or changed since the cache
+    (`verify="stat"`), or every file (`verify="full"`)."""
+    check_verify(verify)
     paths = [str(p) for p in paths]
-    stats = [_stat(p) for p in paths]
+    stats = [_stat(p) for p in paths]  # before hashing: a file changed meanwhile looks changed next time
     cached: dict[str, dict] = {}
-    if cache_file is not None and Path(cache_file).exists():
+    if cache_file is not None and Path(cache_file).exists() and verify == "stat":
         try:
             old = pd.read_csv(cache_file, keep_default_na=False, dtype={"sha1": str, "error": str})
-            for col in ("ok", "decoded"):
-                old[col] = _as_bool(old[col])
-            cached = {r["path"]: r for r in old.to_dict("records")}
+            missing = [c for c in INDEX_COLUMNS if c not in old.columns]
+            if missing:  # written by an older version: its entries cannot tell a replaced file
+                log.info("Image index %s lacks %s (an older version's): re-checking every file",
+                         cache_file, ", ".join(missing))
+            else:
+                for col in ("ok", "decoded"):
+                    old[col] = _as_bool(old[col])
+                cached = {r["path"]: r for r in old.to_dict("records")}
         except Exception as err:  # a corrupt cache is rebuilt, never trusted
             log.warning("Ignoring unreadable image index %s (%s)", cache_file, err)
 
     rows: list[dict | None] = []
     todo: list[int] = []
-    for i, (p, (size, mtime)) in enumerate(zip(paths, stats, strict=True)):
+    for i, (p, stat) in enumerate(zip(paths, stats, strict=True)):
         old = cached.get(p)
-        if (
-            old is not None
-            and int(old["size"]) == size
-            and int(old["mtime_ns"]) == mtime
-            and (bool(old["decoded"]) or not decode)
-        ):
+        if old is not None and _same_stat(old, stat) and (bool(old["decoded"]) or not decode):
             rows.append(old)
         else:
             rows.append(None)
@@ -81,13 +105,13 @@ def build_index(
         jobs = [(paths[i], decode) for i in todo]
         if workers > 1 and len(jobs) > 256:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = list(tqdm(pool.map(_check, jobs, chunksize=64), total=len(jobs), desc=desc, mininterval=2))
+                results = list(progress(pool.map(_check, jobs, chunksize=64), total=len(jobs), desc=desc, mininterval=2))
         else:
-            results = [_check(j) for j in tqdm(jobs, desc=desc, mininterval=2, disable=len(jobs) < 256)]
+            results = [_check(j) for j in progress(jobs, desc=desc, mininterval=2, disable=len(jobs) < 256)]
         for i, res in zip(todo, results, strict=True):
-            size, mtime = stats[i]
-            rows[i] = {"path": paths[i], "size": size, "mtime_ns": mtime, "decoded": decode, **res}
-        log.info("Indexed %d new or changed images (%d reused from the cache)", len(todo), len(paths) - len(todo))
+            rows[i] = {"path": paths[i], **dict(zip(STAT_COLUMNS, stats[i], strict=True)), "decoded": decode, **res}
+        what = "every image (data.verify=full)" if verify == "full" else "new or changed images"
+        log.info("Indexed %d %s (%d reused from the cache)", len(todo), what, len(paths) - len(todo))
         if cache_file is not None:
             _write_atomic(pd.DataFrame(rows, columns=INDEX_COLUMNS), Path(cache_file))
     frame = pd.DataFrame(rows, columns=INDEX_COLUMNS)
@@ -100,7 +124,5 @@ def _as_bool(col: pd.Series) -> pd.Series:
 
 
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with building(path, directory=False) as tmp:  # removed if the write fails
+        frame.to_csv(tmp, index=False)

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from agecls.utils.checks import check_splits
+
 SPLITS = ("train", "val", "test")
 
 # The method that assigns splits, recorded in cleaning.json and split.csv's run: results made on
@@ -49,16 +51,6 @@ def group_position(group: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-def check_fractions(fractions: Sequence[float]) -> np.ndarray:
-    fractions = np.asarray([float(f) for f in fractions], dtype=float)
-    if fractions.shape != (3,) or (fractions < 0).any() or not np.isclose(fractions.sum(), 1.0):
-        raise ValueError(
-            f"data.splits={[float(f) for f in np.ravel(fractions)]} must be three non-negative shares "
-            "(train, val, test) summing to 1, e.g. data.splits=[0.8,0.1,0.1]"
-        )
-    return fractions
-
-
 def assign_splits(
     records: pd.DataFrame,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
@@ -80,7 +72,7 @@ def assign_splits(
     group (the group whose position lies nearest its interval moves there; only then can a change
     of data move a group); with fewer, a SplitError names the counts.
     """
-    fractions = check_fractions(fractions)
+    fractions = np.asarray(check_splits(fractions), dtype=float)
     if len(records) == 0:
         return np.array([], dtype=object)
     group = group_keys(records, keys)

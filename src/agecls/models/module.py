@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -18,10 +21,15 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 from agecls.models.backbones import Backbone, build_backbone
 from agecls.models.heads import MLPHead
 from agecls.models.metrics import stage_metrics
+from agecls.utils.checkpoint import CheckpointError, read_checkpoint
 
 log = logging.getLogger(__name__)
 
 DEFAULT_OPTIMIZER = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-4}
+
+# The age range of a model whose checkpoint does not record one (the data config's default
+# [min_age, max_age]); training sets the train split's youngest and oldest age instead.
+DEFAULT_AGE_RANGE = (0.0, 100.0)
 
 
 class AgeNet(nn.Module):
@@ -38,6 +46,10 @@ class AgeNet(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("age_mean", torch.tensor(0.0))
         self.register_buffer("age_std", torch.tensor(1.0))
+        # the range predictions are clipped to (AgeRegressor.set_age_range); not in the state_dict
+        # (older checkpoints have no such entries): it travels as hyperparameters age_min/age_max
+        self.register_buffer("age_min", torch.tensor(DEFAULT_AGE_RANGE[0]), persistent=False)
+        self.register_buffer("age_max", torch.tensor(DEFAULT_AGE_RANGE[1]), persistent=False)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features of uint8 (0..255) or float ([0, 1]) RGB images."""
@@ -55,6 +67,24 @@ class AgeNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.from_features(self.features(images))
+
+    def clip(self, ages: torch.Tensor) -> torch.Tensor:
+        """Ages clipped to the model's age range: the readout of every prediction a user sees
+        (test metrics, predictions.csv, agecls.predict, the exported graph). Training and
+        validation use the raw output, whose gradient does not vanish outside the range."""
+        return torch.clamp(ages, self.age_min, self.age_max)
+
+
+class ClippedAgeNet(nn.Module):
+    """What agecls.export writes: images -> (age clipped to the model's range, raw age)."""
+
+    def __init__(self, net: AgeNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.net(images)
+        return self.net.clip(raw), raw
 
 
 class AgeRegressor(L.LightningModule):
@@ -84,6 +114,8 @@ class AgeRegressor(L.LightningModule):
         crop_pct: float = 0.875,
         age_mean: float | None = None,
         age_std: float | None = None,
+        age_min: float | None = None,
+        age_max: float | None = None,
         head_dropout: float = 0.0,
         cs_threshold: float = 5.0,
         channels_last: bool = False,
@@ -103,6 +135,8 @@ class AgeRegressor(L.LightningModule):
         self.register_buffer("age_stats_set", torch.tensor(False))
         if age_mean is not None and age_std is not None:
             self.set_age_stats(age_mean, age_std)
+        if age_min is not None and age_max is not None:
+            self.set_age_range(age_min, age_max)
 
         self.train_mae = MeanAbsoluteError()
         self.val_metrics = stage_metrics("val", cs_threshold)
@@ -110,6 +144,47 @@ class AgeRegressor(L.LightningModule):
         self.val_mae_best = MinMetric()
         self._test_outputs: list[dict[str, torch.Tensor]] = []
         self.test_results: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | Path,
+        map_location: Any = "cpu",
+        hparams_file: Any = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> AgeRegressor:
+        """The model of an agecls checkpoint, read safely (agecls.utils.checkpoint.read_checkpoint:
+        tensors and plain values only; a file that is not an agecls checkpoint raises
+        CheckpointError). `kwargs` override saved hyperparameters, as in Lightning. The weights
+        are loaded on `map_location` (CPU by default)."""
+        if weights_only is False:
+            raise ValueError("AgeRegressor.load_from_checkpoint reads only tensors and plain values "
+                             "(weights_only=True); drop weights_only=False")
+        if hparams_file is not None:
+            raise ValueError("AgeRegressor.load_from_checkpoint takes its hyperparameters from the checkpoint; "
+                             "pass changed ones as keyword arguments instead of hparams_file")
+        return cls.from_checkpoint(read_checkpoint(checkpoint_path, map_location=map_location),
+                                   path=str(checkpoint_path), strict=strict, **kwargs)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: Mapping[str, Any], path: str = "<checkpoint>", strict: bool | None = None,
+                        **overrides: Any) -> AgeRegressor:
+        """Build the model from a checkpoint dict already read (`read_checkpoint`): the constructor
+        from its hyper_parameters, then the same hooks and state_dict load as Lightning's
+        load_from_checkpoint, with no second read of the file."""
+        hp = {**dict(checkpoint["hyper_parameters"]), **overrides}
+        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        model = cls(**{k: v for k, v in hp.items() if k in names})
+        strict = model.strict_loading if strict is None else strict
+        model.on_load_checkpoint(checkpoint)  # type: ignore[arg-type]
+        try:
+            model.load_state_dict(checkpoint["state_dict"], strict=strict)
+        except RuntimeError as err:
+            raise CheckpointError(path, f"its state_dict does not fit the model its hyper_parameters describe ({err})") from err
+        return model
 
     # ----------------------------------------------------------------------------------- model
     @property
@@ -136,6 +211,15 @@ class AgeRegressor(L.LightningModule):
         self.age_stats_set.fill_(True)
         self.hparams.age_mean, self.hparams.age_std = float(mean), std
 
+    def set_age_range(self, low: float, high: float) -> None:
+        """Set the range predictions are clipped to (years): the train split's youngest and oldest age."""
+        low, high = float(low), float(high)
+        if not high >= low:
+            raise ValueError(f"age range [{low}, {high}] is empty")
+        self.net.age_min.fill_(low)
+        self.net.age_max.fill_(high)
+        self.hparams.age_min, self.hparams.age_max = low, high
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Predicted age in years, shape (B,)."""
         return self.net(images)
@@ -155,6 +239,10 @@ class AgeRegressor(L.LightningModule):
             mean, std = dm.age_stats()
             self.set_age_stats(mean, std)
             log.info("Output scale from the train split: age mean %.2f, std %.2f years", mean, std)
+        if self.hparams.get("age_min") is None and dm is not None and hasattr(dm, "age_range"):
+            low, high = dm.age_range()
+            self.set_age_range(low, high)
+            log.info("Predictions are clipped to the train split's ages: %g to %g years", low, high)
         if self.hparams.channels_last:
             self.to(memory_format=torch.channels_last)
         if self.hparams.compile and stage == "fit":
@@ -169,6 +257,17 @@ class AgeRegressor(L.LightningModule):
             checkpoint["agecls"] = {"imagenet_init": bool(hp.get("pretrained", False))}
             hp["pretrained"] = False
             hp["age_mean"], hp["age_std"] = float(self.age_mean), float(self.age_std)
+            hp["age_min"], hp["age_max"] = float(self.net.age_min), float(self.net.age_max)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint from before age ranges were stored: the data config's [min_age, max_age].
+        if self.hparams.get("age_min") is None:
+            saved = dict(checkpoint.get("hyper_parameters") or {})
+            if saved.get("age_min") is not None and saved.get("age_max") is not None:
+                self.set_age_range(saved["age_min"], saved["age_max"])
+            else:
+                data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+                self.set_age_range(data.get("min_age", DEFAULT_AGE_RANGE[0]), data.get("max_age", DEFAULT_AGE_RANGE[1]))
 
     def on_train_start(self) -> None:
         # The sanity check ran validation on an untrained model; forget it.
@@ -220,10 +319,12 @@ class AgeRegressor(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         age = batch["age"].float()
-        pred = self._predict(batch)
+        raw = self._predict(batch)
+        pred = self.net.clip(raw)  # test metrics are those of the ages a user gets
         self.log("test/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
         self.test_metrics.update(*self._for_metrics(pred, age))
-        self._test_outputs.append({"index": batch["index"].detach(), "age": age.detach(), "pred": pred.detach().float()})
+        self._test_outputs.append({"index": batch["index"].detach(), "age": age.detach(), "pred": pred.detach().float(),
+                                   "raw": raw.detach().float()})
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
@@ -234,7 +335,7 @@ class AgeRegressor(L.LightningModule):
         self.test_metrics.reset()
         self.log_dict(values)
         local = {k: torch.cat([o[k] for o in self._test_outputs]) if self._test_outputs else torch.empty(0)
-                 for k in ("index", "age", "pred")}
+                 for k in ("index", "age", "pred", "raw")}
         # Every rank's predictions, so rank 0 can write one predictions.csv. Ranks may hold
         # different numbers of images (an unpadded distributed sampler): gather_all_tensors pads
         # and trims; any repeats a padded sampler adds are dropped by index.
@@ -245,12 +346,14 @@ class AgeRegressor(L.LightningModule):
         index = gathered["index"].reshape(-1).cpu().numpy()
         age = gathered["age"].reshape(-1).cpu().numpy()
         pred = gathered["pred"].reshape(-1).cpu().numpy()
+        raw = gathered["raw"].reshape(-1).cpu().numpy()
         _, first = np.unique(index, return_index=True)
-        self.test_results = {"index": index[first], "age": age[first], "predicted": pred[first]}
+        self.test_results = {"index": index[first], "age": age[first], "predicted": pred[first], "predicted_raw": raw[first]}
         self._test_outputs = []
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        return {"index": batch["index"], "predicted": self._predict(batch)}
+        raw = self._predict(batch)
+        return {"index": batch["index"], "predicted": self.net.clip(raw), "predicted_raw": raw}
 
     # -------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,3 +84,56 @@ def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
         raise KeyError(f"optimized_metric={name!r} was not logged; logged metrics: {', '.join(sorted(metrics))}")
     value = metrics[name]
     return float(value.item() if hasattr(value, "item") else value)
+
+
+def summary_line(cfg: DictConfig, fields: Mapping[str, str]) -> str:
+    """`label=value, ...` for the dotted config keys in `fields` ({label: key}); unset ones left out."""
+    parts = []
+    for label, key in fields.items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None:
+            continue
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value, resolve=True)
+        parts.append(f"{label}={value}")
+    return ", ".join(parts)
+
+
+def train_summary(cfg: DictConfig) -> str:
+    """One line with a training run's key choices; the whole resolved config is in
+    <run dir>/.hydra/config.yaml (and `--cfg job` prints it)."""
+    hp = flat_hparams(cfg)
+    items = {k: hp[k] for k in ("backbone", "pretrained", "head", "freeze", "optimizer", "lr", "scheduler")}
+    items.update(data=hp["data"], root=cfg.data.get("root"), image_size=hp["image_size"], batch_size=hp["batch_size"],
+                 max_epochs=hp["max_epochs"], precision=hp["precision"], accelerator=cfg.trainer.get("accelerator"),
+                 seed=hp["seed"], output_dir=cfg.paths.output_dir)
+    if not cfg.get("train", True) or not cfg.get("test", True):
+        items.update(train=bool(cfg.get("train", True)), test=bool(cfg.get("test", True)))
+    if cfg.get("ckpt_path"):
+        items["ckpt_path"] = cfg.ckpt_path
+    return ", ".join(f"{k}={v}" for k, v in items.items())
+
+
+def progress_bar_enabled(setting: bool | None, callbacks: list[Callback] = ()) -> bool:
+    """trainer.enable_progress_bar: null = only when stdout is a terminal. Elsewhere (nohup, SLURM,
+    a pipe) Rich's bar prints just its last frame; the per-epoch lines of EpochSummary remain."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    if any(isinstance(cb, ProgressBar) for cb in callbacks):
+        return True  # one was configured explicitly
+    if setting is None:
+        return bool(getattr(sys.stdout, "isatty", lambda: False)())
+    return bool(setting)
+
+
+# The key choices agecls.eval logs in its one-line summary ({label: config key}).
+EVAL_SUMMARY = {
+    "ckpt_path": "ckpt_path",
+    "split": "eval.split",
+    "data": "data.source",
+    "root": "data.root",
+    "batch_size": "eval.batch_size",
+    "accelerator": "trainer.accelerator",
+    "precision": "trainer.precision",
+    "output_dir": "paths.output_dir",
+}

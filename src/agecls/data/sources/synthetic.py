@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
 from agecls.data.sources.base import Source, SourceRecords
+from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class SyntheticSource(Source):
         rng = np.random.default_rng(self.seed)
         ages = rng.integers(1, MAX_AGE + 1, size=self.num_samples)
         rows = []
-        for i, age in enumerate(tqdm(ages, desc="Generating synthetic faces", mininterval=2)):
+        for i, age in enumerate(progress(ages, desc="Generating synthetic faces", mininterval=2)):
             img = draw_face(float(age), np.random.default_rng([self.seed, i]), self.size)
             name = f"images/{i:06d}_{int(age)}.jpg"
             img.save(tmp / name, quality=95)

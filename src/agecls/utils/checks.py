@@ -1,0 +1,189 @@
+"""Checks of configured values, in one place: a bad value fails before any work, naming its key,
+the value and what is allowed.
+
+`check_train_config` runs first thing in `agecls.train.train` (before the model, the data module
+or any indexing); `check_data_options` is also what `AgeDataModule.__init__` runs, so a data
+module built by hand gets the same checks and the same messages.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from numbers import Integral, Real
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+class ConfigValueError(ValueError):
+    """A configured value is out of its allowed range."""
+
+
+def _show(value: Any) -> str:
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def fail(key: str, value: Any, allowed: str) -> None:
+    """Raise ConfigValueError("key=value: allowed")."""
+    raise ConfigValueError(f"{key}={_show(value)}: {allowed}")
+
+
+def check_number(
+    key: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+    integer: bool = False,
+    why: str = "",
+) -> float | int:
+    """`value` as a number within the bounds (minimum/maximum inclusive, above/below exclusive)."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, Integral) if integer else isinstance(value, Real)
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(float(value))):
+        fail(key, value, f"must be {kind}{why}")
+    bounds = []
+    if minimum is not None:
+        bounds.append(f">= {minimum:g}")
+    if above is not None:
+        bounds.append(f"> {above:g}")
+    if maximum is not None:
+        bounds.append(f"<= {maximum:g}")
+    if below is not None:
+        bounds.append(f"< {below:g}")
+    if ((minimum is not None and value < minimum) or (above is not None and value <= above)
+            or (maximum is not None and value > maximum) or (below is not None and value >= below)):
+        fail(key, value, f"must be {kind} {' and '.join(bounds)}{why}")
+    return value
+
+
+def check_splits(splits: Any, key: str = "data.splits") -> list[float]:
+    """Three non-negative shares (train, val, test) summing to 1, as floats."""
+    if OmegaConf.is_config(splits):
+        splits = OmegaConf.to_container(splits, resolve=True)
+    allowed = "must be three non-negative shares (train, val, test) summing to 1, e.g. [0.8, 0.1, 0.1]"
+    if isinstance(splits, (str, bytes)) or not isinstance(splits, Sequence) or len(splits) != 3:
+        fail(key, splits, allowed)
+    if any(isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)) or v < 0 for v in splits):
+        fail(key, splits, allowed)
+    if not math.isclose(sum(float(v) for v in splits), 1.0, abs_tol=1e-6):
+        fail(key, splits, f"{allowed} (they sum to {sum(float(v) for v in splits):g})")
+    return [float(v) for v in splits]
+
+
+def min_image_size(backbone: Mapping[str, Any] | None) -> int:
+    """The smallest input side a backbone takes: its config's `min_image_size` (conf/backbone/*.yaml)."""
+    value = (backbone or {}).get("min_image_size")
+    return int(value) if value else 1
+
+
+def check_data_options(
+    *,
+    image_size: Any,
+    batch_size: Any,
+    splits: Any,
+    num_workers: Any = 0,
+    cache_num_workers: Any = 0,
+    min_age: Any = 0,
+    max_age: Any = 100,
+    age_bin_width: Any = 5,
+    crop_pct: Any = 0.875,
+    min_size: int = 1,
+    backbone_name: str | None = None,
+    prefix: str = "data.",
+) -> list[float]:
+    """The data options every data module needs; returns the splits as floats."""
+    why = f" (the smallest input {backbone_name} takes; conf/backbone/*.yaml min_image_size)" if backbone_name else ""
+    check_number(f"{prefix}image_size", image_size, minimum=max(1, min_size), integer=True, why=why)
+    check_number(f"{prefix}batch_size", batch_size, minimum=1, integer=True)
+    check_number(f"{prefix}num_workers", num_workers, minimum=0, integer=True)
+    check_number(f"{prefix}cache_num_workers", cache_num_workers, minimum=0, integer=True)
+    check_number(f"{prefix}min_age", min_age, minimum=0)
+    check_number(f"{prefix}max_age", max_age, above=float(min_age), why=f" (above {prefix}min_age={min_age})")
+    check_number(f"{prefix}age_bin_width", age_bin_width, above=0)
+    if crop_pct is not None:
+        check_number(f"{prefix}crop_pct", crop_pct, above=0, maximum=1)
+    return check_splits(splits, f"{prefix}splits")
+
+
+def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
+    """cfg's value at `dotted`; `default` where it is absent or missing (???)."""
+    if not OmegaConf.is_config(cfg):
+        return default
+    return OmegaConf.select(cfg, dotted, default=default, throw_on_missing=False)
+
+
+def check_train_config(cfg: Any) -> None:
+    """Every value `agecls.train` can check without building anything; raises ConfigValueError."""
+    training = bool(_get(cfg, "train", True))
+    testing = bool(_get(cfg, "test", True))
+
+    if training:
+        check_number("lr", _get(cfg, "lr"), above=0)
+        opt_lr = _get(cfg, "optimizer.lr")
+        if opt_lr is not None:
+            check_number("optimizer.lr", opt_lr, above=0)
+        wd = _get(cfg, "optimizer.weight_decay")
+        if wd is not None:
+            check_number("optimizer.weight_decay", wd, minimum=0)
+
+        max_epochs = _get(cfg, "trainer.max_epochs")
+        if max_epochs is not None and max_epochs != -1:
+            check_number("trainer.max_epochs", max_epochs, minimum=1, integer=True,
+                         why=" with train=true (-1 = no limit; add train=false to only test)")
+        max_steps = _get(cfg, "trainer.max_steps")
+        if max_steps is not None and max_steps != -1:
+            check_number("trainer.max_steps", max_steps, minimum=1, integer=True, why=" (-1 = no limit)")
+        for name in ("limit_train_batches", "limit_val_batches"):
+            limit = _get(cfg, f"trainer.{name}")
+            if limit is not None:
+                check_number(f"trainer.{name}", limit, above=0,
+                             why=" with train=true (a share in (0, 1] or a number of batches; null = all)")
+
+    # model
+    for i, width in enumerate(_get(cfg, "head.hidden", []) or []):
+        check_number(f"head.hidden[{i}]", width, minimum=1, integer=True)
+    dropout = _get(cfg, "model.head_dropout")
+    if dropout is not None:
+        check_number("model.head_dropout", dropout, minimum=0, below=1)
+    age_std = _get(cfg, "model.age_std")
+    if age_std is not None:
+        check_number("model.age_std", age_std, above=0)
+
+    # data
+    data = _get(cfg, "data")
+    if data is None:
+        return
+    backbone = _get(cfg, "backbone") or {}
+    backbone_name = _get(cfg, "backbone.name")
+    splits = check_data_options(
+        image_size=data.get("image_size"),
+        batch_size=data.get("batch_size"),
+        splits=data.get("splits", [0.8, 0.1, 0.1]),
+        num_workers=data.get("num_workers", 0),
+        cache_num_workers=data.get("cache_num_workers", 0),
+        min_age=data.get("min_age", 0),
+        max_age=data.get("max_age", 100),
+        age_bin_width=data.get("age_bin_width", 5),
+        crop_pct=data.get("crop_pct"),
+        min_size=min_image_size(backbone),
+        backbone_name=str(backbone_name) if backbone_name else None,
+    )
+    if not data.get("split_file"):  # a split file decides the splits itself
+        train, val, test = splits
+        if training and train == 0:
+            fail("data.splits", splits, "the train share must be above 0 with train=true")
+        if training and val == 0:
+            fail("data.splits", splits, "the val share must be above 0 with train=true (the best checkpoint "
+                                         "and early stopping follow val/mae)")
+        if testing and data.get("test_on", "test") == "test" and test == 0:
+            fail("data.splits", splits, "the test share must be above 0 with test=true and data.test_on=test")
