@@ -102,7 +102,7 @@ def test_predict_on_a_folder_with_a_broken_file(trained, tmp_path) -> None:
     batch = sample_batch(model, str(folder), 6)
     with torch.no_grad():
         direct = model.eval()(batch).numpy()
-    assert np.allclose(np.sort(direct), np.sort(good["predicted"].to_numpy()), atol=0.01)
+    assert np.allclose(np.sort(direct), np.sort(good["predicted_raw"].to_numpy()), atol=0.01)
 
 
 def test_predict_csv_input_with_tta_and_face_detection(trained, tmp_path) -> None:
@@ -116,11 +116,11 @@ def test_predict_csv_input_with_tta_and_face_detection(trained, tmp_path) -> Non
                                "detect_faces=true", "tta=true"], tmp_path / "p")
     table = predict(cfg).set_index("path")
     scene = table.loc[str(tmp_path / "scene.jpg")]
-    assert bool(scene["face_found"]) is True
-    x1, y1, x2, y2 = (int(v) for v in scene["face_box"].split())
+    assert scene["status"] == "ok" and scene["face"] == 0
+    x1, y1, x2, y2 = (int(scene[k]) for k in ("x0", "y0", "x1", "y1"))
     assert 250 < (x1 + x2) / 2 < 450 and 150 < (y1 + y2) / 2 < 300  # the pasted face, not the background
-    assert bool(table.loc[str(tmp_path / "blank.jpg"), "face_found"]) is False
-    assert list(table.columns[:2]) == ["age", "predicted"]  # the CSV's ages are carried over
+    assert table.loc[str(tmp_path / "blank.jpg"), "status"] == "no_face"
+    assert list(table.columns[:2]) == ["age", "face"]  # the CSV's ages are carried over
 
 
 # --------------------------------------------------------------------------------- sweep, report

@@ -16,9 +16,11 @@ import lightning as L
 from omegaconf import DictConfig, open_dict
 
 from agecls.data import AgeDataModule
+from agecls.model_card import write_model_card
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
 from agecls.utils.checkpoint import read_checkpoint
+from agecls.utils.checks import check_number
 from agecls.utils.files import keep_previous
 from agecls.utils.hydra_utils import EVAL_SUMMARY, config_dir, progress_bar_enabled, summary_line
 
@@ -36,6 +38,8 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
     """The data set named by cfg.data, or the one the checkpoint was trained on, preprocessed the
     way the model expects (its image size and crop)."""
     hp = model.hparams
+    check_number("eval.batch_size", cfg.eval.batch_size, minimum=1, integer=True)
+    check_number("eval.num_workers", cfg.eval.num_workers, minimum=0, integer=True)
     # Evaluation decodes every image once anyway: no preprocessing cache (data.cache) to build.
     common = dict(image_size=int(hp.image_size), crop_pct=float(hp.crop_pct), test_on=cfg.eval.split,
                   batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
@@ -82,10 +86,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         hp = model.hparams
         title = f"{hp.backbone['name']} on {datamodule.hparams.source} ({cfg.eval.split})"
-        outputs.write_test_stage(output_dir, model.test_results, datamodule.test_records["path"].tolist(), metrics, title)
+        outputs.write_test_stage(output_dir, model.test_results, datamodule.test_records["path"].tolist(), metrics, title,
+                                 groups=datamodule.test_groups())
         keep_previous(output_dir / "metrics.json")
         outputs.write_json(output_dir / "metrics.json", metrics)
-    log.info("Evaluation of %s: %s", cfg.ckpt_path, {k: v for k, v in metrics.items() if not k.startswith("mae_by")})
+        write_model_card(output_dir, model.hparams, datamodule.hparams, metrics, datamodule.cleaning_report.as_dict(),
+                         {"model": metrics["checkpoint"], "notes": f"Evaluated on the {cfg.eval.split} split."})
+    log.info("Evaluation of %s: %s", cfg.ckpt_path, {k: v for k, v in metrics.items() if "_by_" not in k})
     return metrics
 
 

@@ -2,6 +2,10 @@
 
     python -m agecls.export ckpt_path=PATH format=onnx
     python -m agecls.export ckpt_path=PATH format=torchscript verify_input=some/faces/
+
+The exported graph maps float RGB in [0, 1], (N, 3, S, S), to `age` (years, clipped to the model's
+age range) and `age_raw`. The `.json` beside it names every preprocessing step and the age range
+(agecls.deploy.preprocessing_spec); `agecls.predict ckpt_path=model.onnx` runs it with onnxruntime.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from omegaconf import DictConfig
 
 from agecls.data.images import list_images, load_rgb
 from agecls.data.transforms import eval_transform
+from agecls.deploy import preprocessing_spec
 from agecls.eval import load_checkpoint
-from agecls.models.module import AgeRegressor
+from agecls.models.module import AgeRegressor, ClippedAgeNet
 from agecls.utils.hydra_utils import config_dir
 
 log = logging.getLogger(__name__)
@@ -48,8 +53,9 @@ def sample_batch(model: AgeRegressor, folder: str | None, n: int) -> torch.Tenso
 def export_model(model: AgeRegressor, fmt: str, output: Path, opset: int = 18) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"format={fmt!r}; choose {' or '.join(FORMATS)}")
-    # the plain nn.Module inside the LightningModule: float RGB in [0, 1] (N, 3, S, S) -> ages (N,)
-    wrapper = model.net.eval()
+    # the plain nn.Module inside the LightningModule: float RGB in [0, 1] (N, 3, S, S) -> ages (N,),
+    # clipped to the model's age range, and the raw ages
+    wrapper = ClippedAgeNet(model.net).eval()
     size = int(model.hparams.image_size)
     example = torch.rand(2, 3, size, size)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -59,35 +65,39 @@ def export_model(model: AgeRegressor, fmt: str, output: Path, opset: int = 18) -
             traced.save(str(output))
         else:
             torch.onnx.export(
-                wrapper, (example,), str(output), input_names=["image"], output_names=["age"],
+                wrapper, (example,), str(output), input_names=["image"], output_names=["age", "age_raw"],
                 dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=4096)}},
                 opset_version=opset, dynamo=True, external_data=False,
             )
-    # how to feed it, beside the model
-    meta = {"input": "float32 RGB in [0, 1], shape (N, 3, S, S)", "image_size": size,
-            "resize": "resize the short side to image_size / crop_pct, then centre-crop image_size",
-            "crop_pct": float(model.hparams.crop_pct), "output": "age in years, shape (N,)",
-            "backbone": model.hparams.backbone["name"]}
+    # how to feed it, beside the model: every preprocessing step and the age range
+    meta = preprocessing_spec(size, float(model.hparams.crop_pct),
+                              (float(model.net.age_min), float(model.net.age_max)), model.hparams.backbone["name"])
+    meta["format"] = fmt
     output.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     return output
 
 
-def run_exported(path: Path, fmt: str, batch: torch.Tensor) -> np.ndarray:
+def run_exported(path: Path, fmt: str, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The exported model's (clipped ages, raw ages) for a float batch."""
     if fmt == "torchscript":
         module = torch.jit.load(str(path))
         with torch.no_grad():
-            return module(batch).numpy()
+            age, raw = module(batch)
+        return age.numpy(), raw.numpy()
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    age, raw = session.run(["age", "age_raw"], {session.get_inputs()[0].name: batch.numpy()})
+    return age, raw
 
 
 def max_difference(model: AgeRegressor, path: Path, fmt: str, batch: torch.Tensor) -> float:
+    """Largest difference (years) between the exported and the checkpoint's ages, clipped and raw."""
     with torch.no_grad():
-        expected = model.eval()(batch).numpy()
+        raw = model.eval()(batch)
+        expected = (model.net.clip(raw).numpy(), raw.numpy())
     got = run_exported(path, fmt, batch)
-    return float(np.abs(got.reshape(-1) - expected.reshape(-1)).max())
+    return max(float(np.abs(g.reshape(-1) - e.reshape(-1)).max()) for g, e in zip(got, expected, strict=True))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")

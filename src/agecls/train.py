@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from agecls.data.feature_cache import weights_digest
+from agecls.model_card import write_model_card
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
 from agecls.utils.checks import check_train_config
@@ -36,6 +38,10 @@ from agecls.utils.hydra_utils import (
 from agecls.utils.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
+
+# Lightning reads checkpoints it resumes from or tests with torch.load(weights_only=True) where it
+# lets us say so (2.6+); resolve_ckpt_path has already checked the file the safe way in any case.
+SAFE_LOAD = {"weights_only": True} if "weights_only" in inspect.signature(L.Trainer.fit).parameters else {}
 
 
 def build_model(cfg: DictConfig) -> AgeRegressor:
@@ -144,7 +150,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir),
+                    **SAFE_LOAD)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
     metrics["time/fit_s"] = time.perf_counter() - t0
     metrics["epochs"] = int(trainer.current_epoch)
@@ -158,18 +165,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         t1 = time.perf_counter()
         # Restoring the best checkpoint for testing keeps the trainer's step (only fitting restores
         # loop progress), so test/* land at the run's final step, after every val/* point.
-        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False, **SAFE_LOAD)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
         metrics["time/test_s"] = time.perf_counter() - t1
         metrics["best_checkpoint"] = ckpt or None
         if trainer.is_global_zero and model.test_results is not None:
             title = f"{cfg.backbone.name}, freeze={cfg.freeze}, {flat_hparams(cfg)['optimizer']} lr={cfg.lr}"
             outputs.write_test_stage(output_dir, model.test_results, datamodule.test_records["path"].tolist(),
-                                     metrics, title, trainer.loggers, trainer.global_step)
+                                     metrics, title, trainer.loggers, trainer.global_step, datamodule.test_groups())
 
     if trainer.is_global_zero:
         keep_previous(output_dir / "metrics.json")
         outputs.write_json(output_dir / "metrics.json", metrics)
+        write_model_card(output_dir, model.hparams, datamodule.hparams, metrics,
+                         datamodule.cleaning_report.as_dict(), {"model": metrics.get("best_checkpoint")})
         for lg in trainer.loggers:
             if isinstance(lg, TensorBoardLogger):  # the HParams tab pairs knobs with these metrics
                 lg.log_hyperparams(flat_hparams(cfg), metrics=hparams_metrics(metrics), step=trainer.global_step)

@@ -28,6 +28,7 @@ from agecls.data.index import build_index, check_verify, index_file_for
 from agecls.data.pixel_cache import CachedImages, PixelCache, cache_key
 from agecls.data.samplers import EpochSampler, sample_seed
 from agecls.data.sources import Source, make_source
+from agecls.data.sources.base import GROUP_COLUMNS
 from agecls.data.splits import SPLIT_VERSION, SPLITS, assign_splits, read_split_file, relative_paths
 from agecls.data.transforms import eval_resize, eval_transform, train_transform
 from agecls.utils.checks import check_data_options
@@ -122,6 +123,8 @@ class AgeDataModule(L.LightningDataModule):
         report_dir: str | None = None,
         test_on: str = "test",
         face_margin: float = 0.0,
+        align: bool = False,
+        align_detector: str = "mtcnn",
         seed: int | None = None,
         cache: bool = False,
         cache_num_workers: int = 0,
@@ -216,6 +219,12 @@ class AgeDataModule(L.LightningDataModule):
             deduplicate=hp.deduplicate,
         )
         records, report = clean_records(loaded.records, opts, self._index_fn(source), loaded.removed)
+        if hp.get("align", False) and len(records):
+            # detect and align each photo's face once (cached): agecls.data.align
+            from agecls.data.align import add_alignment
+
+            records = add_alignment(records, str(hp.get("align_detector", "mtcnn")), hp.cache_dir,
+                                    workers=max(1, int(hp.num_workers)))
         if len(records) == 0:
             counts = ", ".join(f"{k}: {v}" for k, v in report.removed.items()) or "none"
             raise EmptyDatasetError(
@@ -402,6 +411,12 @@ class AgeDataModule(L.LightningDataModule):
     def _cropping(self, extract: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         size = int(self.hparams.image_size)
         return lambda images: extract(center_crop(images, size) if images.shape[-1] != size else images)
+
+    def test_groups(self) -> dict[str, list[Any]]:
+        """Group labels of the test records (gender, race, ... where the source gives them), one per
+        test image in test_records order: what metrics by group are computed over."""
+        recs = self.test_records
+        return {c: recs[c].tolist() for c in GROUP_COLUMNS if c in recs.columns and recs[c].notna().any()}
 
     def age_stats(self) -> tuple[float, float]:
         """Mean and standard deviation of the training ages (years): the model's output scale."""

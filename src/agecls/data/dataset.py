@@ -26,6 +26,8 @@ class FaceAgeDataset(Dataset):
         self.ages = records["age"].to_numpy(dtype=np.float32)
         boxes = records["face_box"].tolist() if "face_box" in records.columns else None
         self.boxes = boxes if boxes is not None and any(b is not None for b in boxes) else None
+        aligns = records["face_align"].tolist() if "face_align" in records.columns else None  # data.align
+        self.aligns = aligns if aligns is not None and any(a is not None for a in aligns) else None
         self.transform = transform
         self.face_margin = face_margin
         self.seed = seed
@@ -45,7 +47,8 @@ class FaceAgeDataset(Dataset):
         epoch, i = decode(key, len(self.paths))
         path = self.paths[i]
         try:
-            img = load_rgb(path, self.boxes[i] if self.boxes is not None else None, self.face_margin)
+            img = load_rgb(path, self.boxes[i] if self.boxes is not None else None, self.face_margin,
+                           self.aligns[i] if self.aligns is not None else None)
         except Exception as err:  # found after indexing: the file changed, or check_images=false
             raise RuntimeError(f"cannot read image {path}: {type(err).__name__}: {err}. "
                                + self._unreadable_advice()) from err

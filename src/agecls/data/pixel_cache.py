@@ -9,7 +9,8 @@ side), so a batch is a gather of rows from the page cache.
 The cache is keyed by the data set's content (each file's path and content hash from the image
 index, its face box) and the preprocessing parameters: any change builds a new one. A build writes
 into a temporary folder that is renamed only when complete, so an interrupted build is never
-mistaken for a cache.
+mistaken for a cache; a failed build removes it, and the next build removes those of builds killed
+outright.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,22 +26,29 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
-from tqdm.auto import tqdm
 
 from agecls.data.images import load_rgb
 from agecls.data.samplers import decode
+from agecls.utils.files import building
+from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when preprocessing changes meaning
+CACHE_VERSION = 3  # bump when preprocessing changes meaning (3: EXIF orientation applied)
 
 
-def preprocess(path: str, box: tuple[float, ...] | None, margin: float, side: int) -> np.ndarray:
-    """Decode, crop the face box, resize the short side to `side`, centre-crop a square: (3, side, side)."""
-    img = load_rgb(path, box, margin)
+def preprocess(path: str, box: tuple[float, ...] | None, margin: float, side: int,
+               align: tuple[float, ...] | None = None) -> np.ndarray:
+    """Decode, crop the face box (or warp by its alignment, data.align), resize the short side to
+    `side`, centre-crop a square: (3, side, side)."""
+    return _resize(load_rgb(path, box, margin, align), side)
+
+
+def _resize(img: Image.Image, side: int) -> np.ndarray:
     # the same Pillow kernels as the evaluation transform, so its centre crop is the same view
     img = TF.resize(img, side, interpolation=InterpolationMode.BILINEAR, antialias=True)
     return TF.pil_to_tensor(TF.center_crop(img, side)).numpy()
@@ -51,11 +58,12 @@ def cache_key(records: pd.DataFrame, side: int, margin: float) -> str:
     h = hashlib.sha1(json.dumps({"version": CACHE_VERSION, "side": side, "margin": margin}).encode())
     boxes = records["face_box"] if "face_box" in records.columns else [None] * len(records)
     hashes = records["sha1"] if "sha1" in records.columns else [""] * len(records)
-    for path, digest, box in zip(records["path"], hashes, boxes, strict=True):
-        if not digest:  # no content hash (indexing off): fall back to size and modification time
+    aligns = records["face_align"] if "face_align" in records.columns else [None] * len(records)
+    for path, digest, box, align in zip(records["path"], hashes, boxes, aligns, strict=True):
+        if not digest:  # no content hash (indexing off): fall back to what the file's stat says
             st = os.stat(path)
-            digest = f"{st.st_size}-{st.st_mtime_ns}"
-        h.update(f"{path}|{digest}|{box}\n".encode())
+            digest = f"{st.st_size}-{st.st_mtime_ns}-{st.st_ctime_ns}-{st.st_ino}"
+        h.update((f"{path}|{digest}|{box}\n" if align is None else f"{path}|{digest}|{box}|{align}\n").encode())
     return h.hexdigest()[:20]
 
 
@@ -63,8 +71,17 @@ def _fill(args: tuple[str, int, int, list[tuple[int, str, object]], float]) -> i
     """Worker: preprocess a chunk of images straight into the memory-mapped array."""
     array_path, n, side, items, margin = args
     images = np.lib.format.open_memmap(array_path, mode="r+")
-    for row, path, box in items:
-        images[row] = preprocess(path, box, margin, side)
+    for row, path, box, align in items:
+        try:
+            img = load_rgb(path, box, margin, align)
+        except Exception as err:
+            raise RuntimeError(
+                f"cannot read image {path} while building the preprocessing cache: {type(err).__name__}: {err}. "
+                "It changed or became unreadable after it was indexed at the start of this run, or "
+                "data.check_images=false let an undecodable file through; the next run re-indexes "
+                "changed files and, with data.check_images=true, drops unreadable ones."
+            ) from err
+        images[row] = _resize(img, side)
     images.flush()
     return len(items)
 
@@ -86,35 +103,32 @@ class PixelCache:
         if (final / "meta.json").exists():
             log.info("Preprocessing cache %s: %d images at %d px (reused)", final, len(records), side)
             return cls(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         n = len(records)
-        array_path = str(tmp / "images.npy")
-        np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(n, 3, side, side)).flush()
         boxes = records["face_box"].tolist() if "face_box" in records.columns else [None] * n
-        items = list(zip(range(n), records["path"].tolist(), boxes, strict=True))
+        aligns = records["face_align"].tolist() if "face_align" in records.columns else [None] * n
+        items = list(zip(range(n), records["path"].tolist(), boxes, aligns, strict=True))
         chunk = 256
-        jobs = [(array_path, n, side, items[i: i + chunk], margin) for i in range(0, n, chunk)]
-        t0 = time.perf_counter()
-        with tqdm(total=n, desc=f"Building preprocessing cache ({side} px)", unit="img", mininterval=2) as bar:
-            if workers > 1 and len(jobs) > 1:
-                with ProcessPoolExecutor(max_workers=workers) as pool:
-                    for done in pool.map(_fill, jobs):
-                        bar.update(done)
-            else:
-                for job in jobs:
-                    bar.update(_fill(job))
-        seconds = time.perf_counter() - t0
-        meta = {"version": CACHE_VERSION, "key": key, "n": n, "side": side, "margin": margin,
-                "build_seconds": seconds, "seconds_per_1000": seconds / max(n, 1) * 1000}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        records[["path"]].to_csv(tmp / "paths.csv", index=False)
-        try:
-            os.replace(tmp, final)  # complete: only now does it look like a cache
-        except OSError:  # another process finished the same cache first
-            shutil.rmtree(tmp, ignore_errors=True)
+        # built under a temporary name, removed on any failure (Ctrl-C included); the leftovers of
+        # a build killed outright are removed by the next build (agecls.utils.files.building)
+        with building(final) as tmp:
+            array_path = str(tmp / "images.npy")
+            np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(n, 3, side, side)).flush()
+            jobs = [(array_path, n, side, items[i: i + chunk], margin) for i in range(0, n, chunk)]
+            t0 = time.perf_counter()
+            with progress(total=n, desc=f"Building preprocessing cache ({side} px)", unit="img", mininterval=2) as bar:
+                if workers > 1 and len(jobs) > 1:
+                    with ProcessPoolExecutor(max_workers=workers) as pool:
+                        for done in pool.map(_fill, jobs):
+                            bar.update(done)
+                else:
+                    for job in jobs:
+                        bar.update(_fill(job))
+            seconds = time.perf_counter() - t0
+            meta = {"version": CACHE_VERSION, "key": key, "n": n, "side": side, "margin": margin,
+                    "build_seconds": seconds, "seconds_per_1000": seconds / max(n, 1) * 1000}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            records[["path"]].to_csv(tmp / "paths.csv", index=False)
+            # complete: only on leaving this block is it renamed to look like a cache
         log.info("Built preprocessing cache %s: %d images at %d px in %.1f s (%.2f s per 1,000)",
                  final, n, side, seconds, meta["seconds_per_1000"])
         return cls(final)

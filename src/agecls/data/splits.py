@@ -87,7 +87,8 @@ def assign_splits(
         raise SplitError(
             f"{len(records)} images of {len(unique)} distinct people/images cannot fill "
             f"{len(wanted)} splits (data.splits={[float(f) for f in fractions]}): every split needs at "
-            "least one group. Add images of more people, or give fewer splits a non-zero share."
+            "least one group. Add images of more people, or give fewer splits a non-zero share: e.g. "
+            "data.splits=[0.5,0.5,0.0] with test=false (train and validate only)."
         )
     for i in wanted:
         name = SPLITS[i]

@@ -54,18 +54,44 @@ class EpochSummary(L.Callback):
         Epoch 3/50: train loss 0.412, val MAE 6.84, val Pearson 0.871, 41.2 s (about 32 min 58 s left)
 
     The time left is the mean epoch time so far times the epochs left (an upper bound when early
-    stopping or max_time ends the run sooner).
+    stopping or max_time ends the run sooner). Without a progress bar (no terminal), a long epoch
+    also gets a line every `within_epoch_s` seconds (0: never):
+
+        Epoch 1/50: batch 120/265 (45%), train loss 0.731, 1 min 40 s left in this epoch
     """
 
-    def __init__(self, logger_name: str = __name__) -> None:
+    def __init__(self, logger_name: str = __name__, within_epoch_s: float = 120.0) -> None:
         self._log = logging.getLogger(logger_name)
         self._start: float | None = None
         self._durations: list[float] = []
         self._validated = False
+        self.within_epoch_s = float(within_epoch_s)
+        self._last_line = 0.0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+        self._last_line = self._start
         self._validated = False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (self.within_epoch_s <= 0 or self._start is None or trainer.progress_bar_callback is not None
+                or not trainer.is_global_zero):
+            return
+        now = time.perf_counter()
+        if now - self._last_line < self.within_epoch_s:
+            return
+        self._last_line = now
+        done, total = batch_idx + 1, trainer.num_training_batches
+        text = f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: batch {done}"
+        loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
+        if isinstance(total, int) and total > 0:
+            text += f"/{total} ({100 * done / total:.0f}%)"
+        if loss is not None:
+            text += f", train loss {float(loss):.4f}"
+        if isinstance(total, int) and total > done:
+            text += f", {_duration((now - self._start) / done * (total - done))} left in this epoch"
+        self._log.info("%s", text)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:

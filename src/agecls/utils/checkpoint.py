@@ -59,7 +59,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, An
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - every way a file can fail to unpickle ends here
-        raise CheckpointError(path, _load_failure(path, err)) from err
+        # from None: torch's own advice ("re-run with weights_only=False") is wrong for such a file
+        raise CheckpointError(path, _load_failure(path, err)) from None
     check_checkpoint(ckpt, path)
     return ckpt
 

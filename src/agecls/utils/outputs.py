@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,13 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def predictions_frame(paths: list[str], ages: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"path": paths, "age": np.asarray(ages, dtype=float), "predicted": np.asarray(predicted, dtype=float)})
+def predictions_frame(paths: list[str], ages: np.ndarray, predicted: np.ndarray,
+                      predicted_raw: np.ndarray | None = None) -> pd.DataFrame:
+    """`predicted` is the age clipped to the model's range; `predicted_raw` the network's output."""
+    frame = pd.DataFrame({"path": paths, "age": np.asarray(ages, dtype=float), "predicted": np.asarray(predicted, dtype=float)})
+    if predicted_raw is not None:
+        frame["predicted_raw"] = np.asarray(predicted_raw, dtype=float)
+    return frame
 
 
 def metrics_by_decade(frame: pd.DataFrame) -> dict[str, float]:
@@ -44,6 +49,24 @@ def metrics_by_decade(frame: pd.DataFrame) -> dict[str, float]:
     err = (frame["predicted"] - frame["age"]).abs()
     for d in sorted(decade.unique()):
         out[f"mae_by_decade/{d}-{d + 9}"] = float(err[decade == d].mean())
+    return out
+
+
+def metrics_by_group(frame: pd.DataFrame, groups: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+    """MAE and image count per group of each grouping that has any value (`groups`: column ->
+    one value per row of `frame`, None where unknown), as `test/mae_by_gender/female`,
+    `test/n_by_gender/female`; images of unknown group are counted as `unknown`."""
+    out: dict[str, float] = {}
+    err = (frame["predicted"] - frame["age"]).abs().to_numpy()
+    for grouping, values in groups.items():
+        labels = pd.Series(list(values), dtype=object)
+        if len(labels) != len(frame) or labels.isna().all():
+            continue
+        labels = labels.where(labels.notna(), "unknown").astype(str).to_numpy()
+        for group in sorted(set(labels)):
+            mask = labels == group
+            out[f"test/mae_by_{grouping}/{group}"] = float(err[mask].mean())
+            out[f"test/n_by_{grouping}/{group}"] = int(mask.sum())
     return out
 
 
@@ -94,10 +117,13 @@ def write_test_outputs(
     shown = {k: metrics[k] for k in ("test/mae", "test/pearson", "test/spearman") if k in metrics}
     fig = scatter_figure(frame, title, shown)
     fig.savefig(directory / "scatter.png")
+    by_group = {k: float(v) for k, v in metrics.items() if k.startswith("test/mae_by_")}
     for lg in loggers or ():
         experiment = getattr(lg, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_figure"):
             experiment.add_figure("test/scatter", fig, global_step=step, close=False)
+        if by_group and hasattr(lg, "log_metrics"):
+            lg.log_metrics(by_group, step=step)
     plt.close(fig)
 
 
@@ -109,14 +135,20 @@ def write_test_stage(
     title: str,
     loggers: Any = (),
     step: int = 0,
+    groups: Mapping[str, Sequence[Any]] | None = None,
 ) -> pd.DataFrame:
     """After trainer.test: predictions.csv and scatter.png (earlier copies kept numbered), and the
-    MAE per decade of true age added to `metrics`. Returns the predictions."""
+    MAE per decade of true age and per group (`groups`: column -> one value per test path, see
+    metrics_by_group) added to `metrics`. Returns the predictions."""
     from agecls.utils.files import keep_previous
 
     directory = Path(directory)
-    frame = predictions_frame([test_paths[i] for i in test_results["index"]], test_results["age"], test_results["predicted"])
+    frame = predictions_frame([test_paths[i] for i in test_results["index"]], test_results["age"], test_results["predicted"],
+                              test_results.get("predicted_raw"))
     metrics.update(metrics_by_decade(frame))
+    if groups:
+        order = np.asarray(test_results["index"])
+        metrics.update(metrics_by_group(frame, {k: np.asarray(list(v), dtype=object)[order] for k, v in groups.items()}))
     metrics["test/n_images"] = len(frame)
     for name in ("predictions.csv", "scatter.png"):
         keep_previous(directory / name)

@@ -18,7 +18,13 @@ RECORD_COLUMNS = [
     "face_score",         # face detector score; -inf where no face was found
     "second_face_score",  # score of a second face; NaN where only one face was found
     "face_box",           # (x1, y1, x2, y2) of the face in the image, or None
+    "gender",             # a group for metrics by group (e.g. "female"), or None
+    "race",               # a group for metrics by group (UTKFace's five), or None
 ]
+
+# Columns that name groups of people: test metrics are also given per group of each
+# (test/mae_by_gender/female, with test/n_by_gender/female images), where a source fills them.
+GROUP_COLUMNS = ("gender", "race")
 
 
 @dataclass

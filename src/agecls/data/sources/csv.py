@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from agecls.data.sources.base import Source, SourceRecords
+from agecls.data.sources.base import GROUP_COLUMNS, Source, SourceRecords
 
 
 def age_from_dates(dob: pd.Series, taken: pd.Series) -> pd.Series:
@@ -47,6 +47,9 @@ class CSVSource(Source):
             )
         if "identity" in table.columns:
             out["identity"] = table["identity"].astype(str)
+        for group in GROUP_COLUMNS:  # optional groups for metrics by group
+            if group in table.columns:
+                out[group] = table[group].where(table[group].notna(), None).astype(object)
         if "face_count" in table.columns:
             # more than one face in the photo: the same rule as IMDB-WIKI's second face
             count = pd.to_numeric(table["face_count"], errors="coerce")

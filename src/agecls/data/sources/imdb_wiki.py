@@ -132,7 +132,8 @@ class IMDBWikiSource(Source):
                 "dob_valid": [matlab_datenum_to_date(d) is not None for d in dob],
                 "face_score": _vector(s, "face_score", n),
                 "second_face_score": _vector(s, "second_face_score", n),
-                "gender": _vector(s, "gender", n),
+                # IMDB-WIKI's gender: 1 male, 0 female, NaN unknown
+                "gender": [{1.0: "male", 0.0: "female"}.get(float(v)) for v in _vector(s, "gender", n)],
             }
         )
         if self.subset == "imdb" and "celeb_id" in s.dtype.names:
