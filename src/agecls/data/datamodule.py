@@ -25,6 +25,7 @@ from agecls.data.cleaning import CleaningOptions, CleaningReport, age_histogram,
 from agecls.data.dataset import FaceAgeDataset
 from agecls.data.feature_cache import FeatureDataset
 from agecls.data.index import build_index, check_verify, index_file_for
+from agecls.data.jpeg_cache import CachedJpegs, JpegCache, choose_format, decode_batch
 from agecls.data.pixel_cache import CachedImages, PixelCache, cache_key
 from agecls.data.samplers import EpochSampler, sample_seed
 from agecls.data.sources import Source, make_source
@@ -128,6 +129,8 @@ class AgeDataModule(L.LightningDataModule):
         seed: int | None = None,
         cache: bool = False,
         cache_num_workers: int = 0,
+        cache_format: str = "raw",
+        cache_memory_budget_gb: float = 8.0,
         feature_cache: bool = False,
         **source_options: Any,
     ) -> None:
@@ -135,7 +138,8 @@ class AgeDataModule(L.LightningDataModule):
         # Plain lists and dicts (not OmegaConf nodes): they are pickled into checkpoints, which
         # torch.load(weights_only=True) must be able to read.
         splits = check_data_options(image_size=image_size, batch_size=batch_size, splits=splits,
-                                    num_workers=num_workers, cache_num_workers=cache_num_workers, min_age=min_age,
+                                    num_workers=num_workers, cache_num_workers=cache_num_workers, cache_format=cache_format,
+                                    cache_memory_budget_gb=cache_memory_budget_gb, min_age=min_age,
                                     max_age=max_age, age_bin_width=age_bin_width, crop_pct=crop_pct)
         augment = OmegaConf.to_container(augment, resolve=True) if OmegaConf.is_config(augment) else augment
         source_options = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
@@ -160,7 +164,7 @@ class AgeDataModule(L.LightningDataModule):
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.data_test: Dataset | None = None
-        self.pixel_cache: PixelCache | None = None
+        self.pixel_cache: PixelCache | JpegCache | None = None
         self._batch_augment = BatchAugment(image_size, augment) if cache and augment and augment.get("enabled", True) else None
         self._feature_extractor: tuple[Callable[[torch.Tensor], torch.Tensor], torch.device, str] | None = None
 
@@ -196,13 +200,19 @@ class AgeDataModule(L.LightningDataModule):
         """Side of the cached images: the evaluation resize, which leaves the random crop its margin."""
         return eval_resize(int(self.hparams.image_size), float(self.hparams.crop_pct))
 
-    def _pixel_cache(self) -> PixelCache:
+    def _pixel_cache(self) -> PixelCache | JpegCache:
+        """The preprocessing cache, built once: raw uint8 pixels or JPEGs (data.cache_format; auto
+        picks by data.cache_memory_budget_gb). The one place that chooses the format."""
         if self.pixel_cache is None:
             hp = self.hparams
             if not hp.cache_dir:
                 raise ValueError("data.cache=true needs data.cache_dir (paths.cache_dir) to store the pixels in")
-            self.pixel_cache = PixelCache.build_or_load(self._prepare().records, hp.cache_dir, self.cache_side,
-                                                        self.face_margin, workers=max(1, int(hp.num_workers)))
+            records = self._prepare().records
+            fmt = choose_format(hp.get("cache_format", "raw"), len(records), self.cache_side,
+                                float(hp.get("cache_memory_budget_gb", 8.0)))
+            cls = JpegCache if fmt == "jpeg" else PixelCache
+            self.pixel_cache = cls.build_or_load(records, hp.cache_dir, self.cache_side,
+                                                 self.face_margin, workers=max(1, int(hp.num_workers)))
         return self.pixel_cache
 
     def _prepare(self, source: Source | None = None) -> PreparedData:
@@ -360,9 +370,10 @@ class AgeDataModule(L.LightningDataModule):
         if hp.cache:
             # rows of the cache are the prepared records' rows
             cache = self._pixel_cache()
+            dataset = CachedJpegs if isinstance(cache, JpegCache) else CachedImages
             row = {p: i for i, p in enumerate(recs["path"])}
             self.data_train, self.data_val, self.data_test = (
-                CachedImages(cache, np.array([row[p] for p in part["path"]]), part["age"].to_numpy())
+                dataset(cache, np.array([row[p] for p in part["path"]]), part["age"].to_numpy())
                 for part in (train, val, test)
             )
         else:
@@ -403,7 +414,7 @@ class AgeDataModule(L.LightningDataModule):
         self.data_test = FeatureDataset(feats["test"], test["age"].to_numpy())
 
     def _eval_view(self, dataset: Dataset, records: pd.DataFrame) -> Dataset:
-        if isinstance(dataset, CachedImages):
+        if isinstance(dataset, (CachedImages, CachedJpegs)):
             return dataset
         return FaceAgeDataset(records, eval_transform(self.hparams.image_size, self.hparams.crop_pct), self.face_margin,
                               checked=bool(self.hparams.check_images))
@@ -477,6 +488,17 @@ class AgeDataModule(L.LightningDataModule):
             return on_gpu or (trainer is None and torch.cuda.is_available())
         return bool(pin)
 
+    def _on_cuda(self) -> bool:
+        trainer = self.trainer
+        return trainer is not None and trainer.strategy is not None and trainer.strategy.root_device.type == "cuda"
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """data.cache_format=jpeg on a CUDA device: decode the batch's JPEGs on the GPU, in one call."""
+        if isinstance(batch, dict) and "jpeg" in batch:
+            blobs = [torch.from_numpy(b) for b in batch.pop("jpeg")]
+            batch["image"] = decode_batch(blobs, self.trainer.strategy.root_device)
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """With data.cache: the study's augmentation on the device that holds the batch (per
         sample, seeded by (seed, epoch, first sample)), or the evaluation centre crop."""
@@ -493,7 +515,11 @@ class AgeDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
+        # the raw cache only gathers rows (data.cache_num_workers); the jpeg cache decodes, which
+        # needs the data.num_workers worker processes (on a CUDA device it decodes there instead)
         workers = int(hp.cache_num_workers) if isinstance(dataset, CachedImages) else int(hp.num_workers)
+        if isinstance(dataset, CachedJpegs):
+            dataset.decode_in_loader = not self._on_cuda()
         sampler = None
         if train:
             weights = None

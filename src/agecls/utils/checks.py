@@ -86,6 +86,9 @@ def min_image_size(backbone: Mapping[str, Any] | None) -> int:
     return int(value) if value else 1
 
 
+CACHE_FORMATS = ("raw", "jpeg", "auto")  # data.cache_format
+
+
 def check_data_options(
     *,
     image_size: Any,
@@ -93,6 +96,8 @@ def check_data_options(
     splits: Any,
     num_workers: Any = 0,
     cache_num_workers: Any = 0,
+    cache_format: Any = "raw",
+    cache_memory_budget_gb: Any = 8,
     min_age: Any = 0,
     max_age: Any = 100,
     age_bin_width: Any = 5,
@@ -107,6 +112,9 @@ def check_data_options(
     check_number(f"{prefix}batch_size", batch_size, minimum=1, integer=True)
     check_number(f"{prefix}num_workers", num_workers, minimum=0, integer=True)
     check_number(f"{prefix}cache_num_workers", cache_num_workers, minimum=0, integer=True)
+    if cache_format not in CACHE_FORMATS:
+        fail(f"{prefix}cache_format", cache_format, f"choose one of {', '.join(CACHE_FORMATS)}")
+    check_number(f"{prefix}cache_memory_budget_gb", cache_memory_budget_gb, above=0)
     check_number(f"{prefix}min_age", min_age, minimum=0)
     check_number(f"{prefix}max_age", max_age, above=float(min_age), why=f" (above {prefix}min_age={min_age})")
     check_number(f"{prefix}age_bin_width", age_bin_width, above=0)
@@ -171,6 +179,8 @@ def check_train_config(cfg: Any) -> None:
         splits=data.get("splits", [0.8, 0.1, 0.1]),
         num_workers=data.get("num_workers", 0),
         cache_num_workers=data.get("cache_num_workers", 0),
+        cache_format=data.get("cache_format", "raw"),
+        cache_memory_budget_gb=data.get("cache_memory_budget_gb", 8),
         min_age=data.get("min_age", 0),
         max_age=data.get("max_age", 100),
         age_bin_width=data.get("age_bin_width", 5),
