@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from agecls.data.datamodule import SplitMembershipError, decode_membership
+from agecls.data.splits import SplitMembershipError, decode_membership
 from agecls.eval import evaluate, load_checkpoint
 from agecls.export import main as export_main
 from agecls.models.module import AgeRegressor

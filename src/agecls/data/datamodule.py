@@ -30,7 +30,17 @@ from agecls.data.pixel_cache import CachedImages, PixelCache, cache_key
 from agecls.data.samplers import EpochSampler, sample_seed
 from agecls.data.sources import Source, make_source
 from agecls.data.sources.base import GROUP_COLUMNS
-from agecls.data.splits import SPLIT_VERSION, SPLITS, assign_splits, read_split_file, relative_paths
+from agecls.data.splits import (
+    NO_SHA1,
+    SPLIT_VERSION,
+    SPLITS,
+    SplitMembershipError,
+    assign_splits,
+    decode_membership,
+    encode_membership,
+    read_split_file,
+    relative_paths,
+)
 from agecls.data.transforms import eval_resize, eval_transform, train_transform
 from agecls.utils.checks import check_data_options
 from agecls.utils.files import write_bytes_keeping_previous
@@ -40,47 +50,6 @@ log = logging.getLogger(__name__)
 
 class EmptyDatasetError(RuntimeError):
     """Nothing was left after cleaning."""
-
-
-class SplitMembershipError(ValueError):
-    """Images of a checkpoint's saved split are missing from the data now, or their content changed."""
-
-
-# The split membership a checkpoint carries (AgeDataModule.state_dict): per split, one string of
-# the paths (relative to the data root, as in split.csv) joined by newlines and one bytes of their
-# 20-byte sha1 digests, zeros where the image was not indexed. Compact (500k images: ~30 MB) and
-# plain data, which torch.load(weights_only=True) reads.
-MEMBERSHIP_VERSION = 1
-NO_SHA1 = bytes(20)
-
-
-def encode_membership(table: pd.DataFrame) -> dict[str, Any] | None:
-    """split.csv's table (path, split and, where indexed, sha1) as a checkpoint entry; None if a
-    path holds a newline (it could not be told apart from two)."""
-    paths = table["path"].astype(str)
-    if paths.str.contains("\n", regex=False).any():
-        return None
-    sha1 = table["sha1"].fillna("").astype(str) if "sha1" in table.columns else pd.Series([""] * len(table))
-    splits = {}
-    for name in SPLITS:
-        part = (table["split"] == name).to_numpy()
-        digests = b"".join(bytes.fromhex(h) if len(h) == 40 else NO_SHA1 for h in sha1[part])
-        splits[name] = {"paths": "\n".join(paths[part]), "sha1": digests}
-    return {"version": MEMBERSHIP_VERSION, "splits": splits}
-
-
-def decode_membership(membership: Mapping[str, Any], split: str) -> dict[str, bytes]:
-    """{relative path: sha1 digest (NO_SHA1 where unknown)} of one split of an encoded membership."""
-    version = membership.get("version") if isinstance(membership, Mapping) else None
-    if version != MEMBERSHIP_VERSION or split not in membership.get("splits", {}):
-        raise ValueError(f"split membership version {version!r} without split {split!r}: this agecls reads "
-                         f"version {MEMBERSHIP_VERSION} (train, val, test); was the checkpoint written by a newer agecls?")
-    entry = membership["splits"][split]
-    paths = entry["paths"].split("\n") if entry["paths"] else []
-    digests = bytes(entry["sha1"])
-    if len(digests) != 20 * len(paths):
-        raise ValueError(f"split membership of {split!r}: {len(paths)} paths but {len(digests)} bytes of sha1 digests")
-    return {p: digests[20 * i:20 * i + 20] for i, p in enumerate(paths)}
 
 
 @dataclass
