@@ -33,7 +33,13 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
-from agecls.data.pixel_cache import CACHE_VERSION, _identity, cache_key, preprocess
+from agecls.data.pixel_cache import (
+    CACHE_VERSION,
+    _identity,
+    cache_key,
+    preprocess,
+    preprocess_items,
+)
 from agecls.data.samplers import decode
 from agecls.utils.files import building
 from agecls.utils.progress import progress
@@ -130,9 +136,7 @@ class JpegCache:
             log.info("JPEG preprocessing cache %s: %d images at %d px (reused)", final, len(records), side)
             return cls(final)
         n = len(records)
-        boxes = records["face_box"].tolist() if "face_box" in records.columns else [None] * n
-        aligns = records["face_align"].tolist() if "face_align" in records.columns else [None] * n
-        items = list(zip(range(n), records["path"].tolist(), boxes, aligns, strict=True))
+        items = preprocess_items(records)
         chunk = 256
         jobs = [(items[i: i + chunk], side, margin, quality) for i in range(0, n, chunk)]
         offsets = np.zeros(n + 1, dtype=np.int64)

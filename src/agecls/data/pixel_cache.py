@@ -67,6 +67,14 @@ def cache_key(records: pd.DataFrame, side: int, margin: float) -> str:
     return h.hexdigest()[:20]
 
 
+def preprocess_items(records: pd.DataFrame) -> list[tuple[int, str, object, object]]:
+    """(row, path, face box, alignment) of every record: what a cache build preprocesses."""
+    n = len(records)
+    boxes = records["face_box"].tolist() if "face_box" in records.columns else [None] * n
+    aligns = records["face_align"].tolist() if "face_align" in records.columns else [None] * n
+    return list(zip(range(n), records["path"].tolist(), boxes, aligns, strict=True))
+
+
 def _fill(args: tuple[str, int, int, list[tuple[int, str, object]], float]) -> int:
     """Worker: preprocess a chunk of images straight into the memory-mapped array."""
     array_path, n, side, items, margin = args
@@ -104,9 +112,7 @@ class PixelCache:
             log.info("Preprocessing cache %s: %d images at %d px (reused)", final, len(records), side)
             return cls(final)
         n = len(records)
-        boxes = records["face_box"].tolist() if "face_box" in records.columns else [None] * n
-        aligns = records["face_align"].tolist() if "face_align" in records.columns else [None] * n
-        items = list(zip(range(n), records["path"].tolist(), boxes, aligns, strict=True))
+        items = preprocess_items(records)
         chunk = 256
         # built under a temporary name, removed on any failure (Ctrl-C included); the leftovers of
         # a build killed outright are removed by the next build (agecls.utils.files.building)
