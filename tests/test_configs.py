@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from agecls.data.transforms import DEFAULT_CROP_PCT
 from agecls.utils.hydra_utils import config_dir
 
 CONF = Path(config_dir())
@@ -15,6 +16,8 @@ STUDY_HEAD = {
     "mobilenet_v3_small": "small",
     "mobilenet_v3_large": "small",
     "efficientnet_lite0": "small",
+    "efficientnet_lite1": "small",
+    "efficientnet_lite2": "small",
     "timm": "small",
     "resnet50": "large",
     "resnet152": "large",
@@ -35,7 +38,8 @@ def test_backbone_sets_study_head_and_normalisation(make_cfg, backbone: str) -> 
     if backbone != "timm":
         assert len(cfg.backbone.mean) == 3 and len(cfg.backbone.std) == 3
         assert cfg.backbone.num_features > 0
-    assert cfg.data.crop_pct == cfg.backbone.crop_pct
+    # the backbone's own crop where its config states one, else the one default
+    assert cfg.data.crop_pct == cfg.backbone.get("crop_pct", DEFAULT_CROP_PCT)
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
@@ -71,7 +75,7 @@ def test_data_options_compose_with_the_documented_keys(make_cfg, data: str) -> N
     assert (cfg.data.batch_size, cfg.data.num_workers, cfg.data.image_size) == (4, 1, 48)
 
 
-@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "scheduler", "debug", "experiment"])
+@pytest.mark.parametrize("group", ["trainer", "logger", "callbacks", "scheduler", "loss", "model", "debug", "experiment"])
 def test_every_option_of_the_other_groups_composes(make_cfg, group: str) -> None:
     for option in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
         if option.startswith("_"):

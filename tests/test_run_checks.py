@@ -38,6 +38,10 @@ BAD_VALUES = [
     (["data.num_workers=-1"], ["data.num_workers=-1", ">= 0"]),
     (["data.min_age=60", "data.max_age=40"], ["data.max_age=40", "data.min_age=60"]),
     (["head.hidden=[512,0,32]"], ["head.hidden[1]=0", ">= 1"]),
+    (["tta=mirror"], ["tta='mirror'", "none, flip"]),
+    (["tta=true"], ["tta=True", "none, flip", "tta=flip"]),
+    (["tta=flip", "freeze=true", "data.feature_cache=true", "data.augment.enabled=false"],
+     ["tta='flip'", "data.feature_cache=true", "agecls.eval ckpt_path=PATH tta=flip"]),
 ]
 
 

@@ -236,7 +236,8 @@ def test_feature_cache_trains_the_head_on_features_computed_once(tmp_path, cache
     assert math.isfinite(metrics["test/mae"])
     saved = sorted((cache_dir / "features").glob("*/meta.json"))
     assert saved
-    feats = np.load(saved[-1].parent / "test.npy")
+    # the cache folder is shared with other tests' feature caches: this run's is the newest
+    feats = np.load(max(saved, key=lambda m: m.stat().st_mtime_ns).parent / "test.npy")
     # the cached features are the frozen backbone's features of the evaluation view
     from agecls.eval import load_checkpoint
 

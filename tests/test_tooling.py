@@ -216,12 +216,20 @@ def test_optuna_search_over_optimizer_lr_freeze_and_head(tmp_path, cache_dir) ->
     assert result.best_value == pytest.approx(summary["val/mae_best"].min())
 
 
-def test_ddp_on_two_cpu_processes_writes_one_synchronised_set_of_outputs(tmp_path, cache_dir) -> None:
-    run = tmp_path / "ddp"
+@pytest.mark.parametrize("cache_format", ["raw", "jpeg"])
+def test_ddp_on_two_cpu_processes_writes_one_synchronised_set_of_outputs(tmp_path, cache_format) -> None:
+    run, cache = tmp_path / "ddp", tmp_path / "cache"  # a cache folder of its own: built by this run
     over = [o for o in TINY if not o.startswith(("trainer.accelerator", "trainer.limit_test"))]
     proc = _cli("agecls.train", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *over, *SYNTHETIC,
-                                 f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"], REPO)
+                                 "data.cache=true", f"data.cache_format={cache_format}",
+                                 f"paths.cache_dir={cache}", f"hydra.run.dir={run}"], REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the preprocessing cache was built once, by one rank, and both ranks read it
+    output = proc.stdout + proc.stderr
+    built = "Built JPEG preprocessing cache" if cache_format == "jpeg" else "Built preprocessing cache"
+    assert output.count(built) == 1, output[-3000:]
+    folder = cache / ("jpegs" if cache_format == "jpeg" else "pixels")
+    assert len([p for p in folder.iterdir() if not p.name.startswith(".")]) == 1
     metrics = json.loads((run / "metrics.json").read_text())
     preds = pd.read_csv(run / "predictions.csv")
     split = pd.read_csv(run / "split.csv")

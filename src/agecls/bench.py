@@ -7,14 +7,19 @@ Measures, in one run, on one machine, model, image size and batch size (images p
 
     model_only   forward + backward + step on a batch already on the device: the limit
     load_naive   the per-sample pipeline alone: PIL decode + torchvision transforms in workers
-    load_fast    the fast path alone: rows of the preprocessing cache, pinned, on the device
+    load_fast    the fast path alone: batches of the preprocessing cache (data.cache_format=raw: rows
+                 of the memory map; jpeg: decoded in the workers, or on the GPU), on the device
     train_naive  training fed by the per-sample pipeline
     train_fast   training fed by the fast path, augmented per sample on the device
 
 and, for the two `load_` modes, the host CPU time per delivered image (main process and workers:
 decode, augment, collate; everything before the batch reaches the device), plus the throughput
 of the device-side augmentation alone. `suite=frozen` compares an unfrozen backbone, a frozen one
-(run without autograd) and the head trained on features computed once.
+(run without autograd) and the head trained on features computed once. `suite=scale` generates
+IMDB-WIKI-style data sets of growing size and times each data stage (agecls.bench_scale).
+
+The datasets and batch steps are the input pipelines training uses (agecls.data.pipelines), made by
+the DataModule: `data.cache_format=raw|jpeg` picks the fast path's cache, as in training.
 """
 
 from __future__ import annotations
@@ -37,12 +42,10 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from agecls.data import AgeDataModule
-from agecls.data.batch_augment import BatchAugment, center_crop
-from agecls.data.dataset import FaceAgeDataset
+from agecls.data.batch_augment import center_crop
 from agecls.data.feature_cache import FeatureDataset
-from agecls.data.pixel_cache import CachedImages, PixelCache
-from agecls.data.samplers import EpochSampler, sample_seed
-from agecls.data.transforms import eval_resize, eval_transform, train_transform
+from agecls.data.pipelines import Pipeline
+from agecls.data.samplers import EpochSampler
 from agecls.models.module import AgeRegressor
 from agecls.utils.hydra_utils import config_dir, to_dict
 
@@ -94,6 +97,11 @@ def _peak_mb(device: torch.device) -> tuple[float, float | None]:
     return rss, gpu
 
 
+def _cache_bytes(directory: Path) -> int:
+    """Bytes on disk of a cache folder (its data files)."""
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file())
+
+
 # --------------------------------------------------------------------------------------- parts
 class Bench:
     def __init__(self, cfg: DictConfig) -> None:
@@ -109,30 +117,34 @@ class Bench:
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")
 
+        # the very pipelines training uses (agecls.data.pipelines), built by the DataModule
         dm = hydra.utils.instantiate(cfg.data, _convert_="all", report_dir=None, cache=False)
         assert isinstance(dm, AgeDataModule)
-        recs = dm._prepare().records
+        recs = dm.records
         train = recs[recs["split"] == "train"].head(int(cfg.max_images)).reset_index(drop=True)
         self.records = train
-        self.naive = FaceAgeDataset(train, train_transform(self.size, self.augment, dm.hparams.crop_pct),
-                                    dm.face_margin, seed=int(cfg.seed))
-        self.naive_eval = FaceAgeDataset(train, eval_transform(self.size, dm.hparams.crop_pct), dm.face_margin)
+        self.naive_pipeline = dm.make_pipeline("per_sample")
+        self.naive = self.naive_pipeline.datasets(train, {"train": train})["train"]
+        self.fast_pipeline = dm.make_pipeline(str(cfg.data.get("cache_format") or "raw"))
         t0 = time.perf_counter()
-        self.cache = PixelCache.build_or_load(train, dm.hparams.cache_dir, eval_resize(self.size, dm.hparams.crop_pct),
-                                              dm.face_margin, workers=max(1, int(cfg.data.num_workers)))
+        self.fast = self.fast_pipeline.datasets(train, {"train": train})["train"]
         built_now = time.perf_counter() - t0
+        self.fast_pipeline.loader_ready(self.fast, self.device)  # jpeg on CUDA: decoded on the GPU
+        self.cache = self.fast_pipeline.cache
+        self.cache_format = self.fast_pipeline.name
         self.cache_s_per_1000 = float(self.cache.meta.get("seconds_per_1000", built_now / len(train) * 1000))
-        self.fast = CachedImages(self.cache, np.arange(len(train)), train["age"].to_numpy())
-        self.batch_aug = BatchAugment(self.size, self.augment)
+        self.cache_bytes_per_image = _cache_bytes(self.cache.directory) / len(train)
+        self.batch_aug = self.fast_pipeline.augment
         self.hardware = hardware_name(self.device)
-        log.info("Benchmark on %s: %s, %d px, batch %d, %d images (cache %.1f s per 1,000 images)",
-                 self.hardware, cfg.backbone.name, self.size, self.bs, len(train), self.cache_s_per_1000)
+        log.info("Benchmark on %s: %s, %d px, batch %d, %d images (%s cache: %.1f s per 1,000 images, %.1f KB per image)",
+                 self.hardware, cfg.backbone.name, self.size, self.bs, len(train), self.cache_format,
+                 self.cache_s_per_1000, self.cache_bytes_per_image / 1e3)
 
     def model(self, freeze: bool | str = False) -> tuple[AgeRegressor, torch.optim.Optimizer]:
         cfg = self.cfg
         module = AgeRegressor(backbone=to_dict(cfg.backbone), head=to_dict(cfg.head), freeze=freeze,
                               pretrained=bool(cfg.pretrained), image_size=self.size, age_mean=35.0, age_std=20.0,
-                              channels_last=bool(cfg.channels_last))
+                              channels_last=bool(cfg.channels_last), loss=to_dict(cfg.get("loss")))
         net = module.net.to(self.device)
         if cfg.channels_last:
             net.to(memory_format=torch.channels_last)
@@ -150,6 +162,13 @@ class Bench:
                           pin_memory=self.device.type == "cuda", persistent_workers=False,
                           collate_fn=getattr(dataset, "collate_fn", None))
 
+    def deliver(self, batch: dict[str, Any], pipeline: Pipeline) -> dict[str, Any]:
+        """A loaded batch on the device, as the DataModule's transfer hooks deliver it (before the
+        device step): the pipeline's host step (GPU JPEG decode), then the copy."""
+        batch = pipeline.before_transfer(batch, self.device)
+        batch["image"] = batch["image"].to(self.device, non_blocking=True)
+        return batch
+
     def _batches(self, loader: DataLoader, n: int) -> Iterator[dict[str, torch.Tensor]]:
         while True:  # as many epochs as needed
             for batch in loader:
@@ -164,8 +183,8 @@ class Bench:
     def train_step(self, module: AgeRegressor, opt: torch.optim.Optimizer, images: torch.Tensor,
                    ages: torch.Tensor) -> None:
         with self.autocast:
-            pred = module.net(images)
-        loss = torch.nn.functional.l1_loss(pred.float(), ages) / 20.0
+            output = module.net(images, head_output=True)
+        loss = module.training_loss(output, ages)  # the loss training uses (conf/loss/), as configured
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -189,11 +208,12 @@ class Bench:
             if k == warmup:
                 _sync(self.device)
                 t0 = time.perf_counter()
-            x = batch["image"].to(self.device, non_blocking=True)
+            if source == "memory":
+                x = batch["image"]
+            else:
+                pipeline = self.fast_pipeline if source == "fast" else self.naive_pipeline
+                x = pipeline.on_device(self.deliver(batch, pipeline), training=True)["image"]
             y = batch["age"].to(self.device, non_blocking=True).float()
-            if source == "fast":
-                g = torch.Generator().manual_seed(sample_seed(int(self.cfg.seed), int(batch["epoch"][0]), int(batch["index"][0])))
-                x = self.batch_aug(x, g) if self.batch_aug else center_crop(x, self.size)
             self.train_step(module, opt, x, y)
         _sync(self.device)
         seconds = time.perf_counter() - t0
@@ -221,7 +241,7 @@ class Bench:
                 it = iter(loader)
                 pids = [w.pid for w in getattr(it, "_workers", [])]
                 continue
-            batch["image"].to(self.device, non_blocking=True)
+            self.deliver(batch, self.fast_pipeline if source == "fast" else self.naive_pipeline)
             got += 1
         _sync(self.device)
         seconds = time.perf_counter() - t0
@@ -237,7 +257,7 @@ class Bench:
 
     def time_device_augment(self) -> float:
         """images/s of the per-sample batch augmentation alone, on the device."""
-        x = self.fast.__getitems__(list(range(self.bs)))["image"].to(self.device)
+        x = self.deliver(self.fast.__getitems__(list(range(self.bs))), self.fast_pipeline)["image"]
         g = torch.Generator().manual_seed(0)
         for _ in range(2):
             self.batch_aug(x, g)
@@ -259,7 +279,8 @@ class Bench:
         feats = []
         with torch.inference_mode(), self.autocast:
             for batch in loader:
-                feats.append(module.net.features(center_crop(batch["image"].to(self.device), self.size)).float().cpu())
+                x = center_crop(self.deliver(batch, self.fast_pipeline)["image"], self.size)
+                feats.append(module.net.features(x).float().cpu())
         _sync(self.device)
         extract_s = time.perf_counter() - t0
         n_imgs = sum(len(f) for f in feats)
@@ -273,8 +294,7 @@ class Bench:
                 _sync(self.device)
                 t0 = time.perf_counter()
             idx = perm[(k * self.bs) % len(ages):][: self.bs]
-            pred = module.net.from_features(features[idx])
-            loss = torch.nn.functional.l1_loss(pred, ages[idx]) / 20.0
+            loss = module.training_loss(module.net.from_features(features[idx], head_output=True), ages[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -320,7 +340,8 @@ class Bench:
             "device": self.hardware, "precision": str(self.cfg.precision), "channels_last": bool(self.cfg.channels_last),
             "compile": bool(self.cfg.compile), "freeze": str(self.cfg.freeze).lower(),
             "workers_naive": int(self.cfg.data.num_workers), "workers_fast": int(self.cfg.fast_workers),
-            "cache_s_per_1000": round(self.cache_s_per_1000, 2), "torch": torch.__version__,
+            "cache_s_per_1000": round(self.cache_s_per_1000, 2), "cache_format": self.cache_format,
+            "cache_bytes_per_image": round(self.cache_bytes_per_image), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
         }
         table = pd.DataFrame([{**r, **common} for r in rows])
@@ -358,6 +379,10 @@ def write_csv(table: pd.DataFrame, output: Path, append: bool) -> Path:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> pd.DataFrame:
+    if cfg.suite == "scale":  # generates its own data sets: agecls.bench_scale
+        from agecls.bench_scale import run_scale_suite
+
+        return run_scale_suite(cfg)
     bench = Bench(cfg)
     table = bench.run()
     suffix = "-frozen" if cfg.suite == "frozen" else ""

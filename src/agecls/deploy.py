@@ -30,6 +30,12 @@ from PIL import Image
 
 SPEC_VERSION = 1
 
+# The share of the resized image the centre crop keeps, unless a backbone's config says otherwise
+# (conf/data/_base.yaml: data.crop_pct = backbone.crop_pct where set, else this): resize to
+# image_size / crop_pct, crop image_size (224 of 256, as ImageNet evaluation does). Defined here, the
+# torch-free reference for preprocessing; agecls.data.transforms and the Python defaults use it.
+DEFAULT_CROP_PCT = 0.875
+
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
              "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}
 
@@ -73,7 +79,7 @@ def read_spec(model_path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is missing: an exported model needs the .json agecls.export writes beside it")
     spec = json.loads(path.read_text())
     if "preprocess" not in spec:  # written before the spec named its steps: what export did then
-        spec = {**preprocessing_spec(spec["image_size"], spec.get("crop_pct", 0.875), spec.get("age_range") or (0.0, 100.0),
+        spec = {**preprocessing_spec(spec["image_size"], spec.get("crop_pct", DEFAULT_CROP_PCT), spec.get("age_range") or (0.0, 100.0),
                                      spec.get("backbone", "")), **{k: spec[k] for k in ("image_size", "crop_pct") if k in spec}}
     return spec
 

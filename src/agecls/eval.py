@@ -2,6 +2,7 @@
 
     python -m agecls.eval ckpt_path=outputs/runs/.../checkpoints/epoch_012.ckpt
     python -m agecls.eval ckpt_path=PATH data=utkface data.root=/new/faces eval.split=all
+    python -m agecls.eval ckpt_path=PATH tta=flip    # averaged with each image's horizontal flip
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from agecls.model_card import write_model_card
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
 from agecls.utils.checkpoint import read_checkpoint
-from agecls.utils.checks import check_number
+from agecls.utils.checks import check_number, check_tta
 from agecls.utils.files import keep_previous
 from agecls.utils.hydra_utils import EVAL_SUMMARY, config_dir, progress_bar_enabled, summary_line
 
@@ -67,10 +68,12 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    tta = check_tta(cfg.get("tta", "none"))  # before any work
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     provenance.write(output_dir)
     model, ckpt = load_checkpoint(cfg.ckpt_path)
+    model.tta = tta  # the test stage's predictions: AgeNet.predict_years
     datamodule = build_datamodule(cfg, model, ckpt, output_dir)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[], enable_checkpointing=False,
@@ -81,6 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics["time/test_s"] = time.perf_counter() - t0
     metrics["checkpoint"] = str(Path(cfg.ckpt_path).resolve())
     metrics["split"] = cfg.eval.split
+    metrics["tta"] = tta
     if getattr(datamodule, "membership_check", None):  # the checkpoint's own split: how much of it was evaluated
         metrics.update({f"members/{k}": v for k, v in datamodule.membership_check.items()})
     if trainer.is_global_zero:

@@ -147,6 +147,10 @@ def _model_rows(hp: Mapping[str, Any], data: Mapping[str, Any], extra: Mapping[s
         rows.append(("Head", text))
     elif head:
         rows.append(("Head", head))
+    loss = hp.get("loss")
+    if isinstance(loss, Mapping) and loss.get("_target_"):  # (older checkpoints: the study's L1, unnamed)
+        params = {k: v for k, v in loss.items() if k != "_target_"}
+        rows.append(("Loss", str(loss["_target_"]).rsplit(".", 1)[-1] + (f" ({_fmt(params)})" if params else "")))
     if "freeze" in hp:
         rows.append(("Backbone frozen", bool(hp["freeze"])))
     size = hp.get("image_size", data.get("image_size"))
@@ -198,6 +202,7 @@ _OVERALL = [
     ("test/pearson", "Pearson r"),
     ("test/spearman", "Spearman rho"),
     ("test/n_images", "Test images"),
+    ("tta", "Test-time augmentation"),
     ("val/mae_best", "Best validation MAE"),
     ("epochs", "Epochs"),
     ("params/total", "Parameters"),

@@ -95,9 +95,7 @@ class CheckpointAges:
         """(clipped, raw) ages of a uint8 (N, 3, S, S) batch."""
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True)
-            raw = self.model(x)
-            if tta:
-                raw = (raw + self.model(torch.flip(x, dims=[3]))) / 2
+            raw = self.model.net.predict_years(x, "flip" if tta else "none")
             return self.model.net.clip(raw).float().cpu().numpy(), raw.float().cpu().numpy()
 
 

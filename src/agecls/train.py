@@ -32,7 +32,6 @@ from agecls.utils.hydra_utils import (
     instantiate_loggers,
     metric_value,
     progress_bar_enabled,
-    to_dict,
     train_summary,
 )
 from agecls.utils.quiet import quiet_third_party
@@ -45,24 +44,15 @@ SAFE_LOAD = {"weights_only": True} if "weights_only" in inspect.signature(L.Trai
 
 
 def build_model(cfg: DictConfig) -> AgeRegressor:
-    """The LightningModule a config describes (fails here, before any data work, on missing weights)."""
-    model_cfg = cfg.get("model") or {}
-    return AgeRegressor(
-        backbone=to_dict(cfg.backbone),
-        head=to_dict(cfg.head),
-        optimizer=to_dict(cfg.optimizer),
-        scheduler=to_dict(cfg.get("scheduler")) or None,
-        freeze=cfg.freeze,
-        pretrained=bool(cfg.pretrained),
-        image_size=int(cfg.data.image_size),
-        crop_pct=float(cfg.data.get("crop_pct") or 0.875),
-        age_mean=model_cfg.get("age_mean"),
-        age_std=model_cfg.get("age_std"),
-        head_dropout=float(model_cfg.get("head_dropout", 0.0)),
-        cs_threshold=float(model_cfg.get("cs_threshold", 5.0)),
-        channels_last=bool(cfg.get("channels_last", False)),
-        compile=bool(cfg.get("compile", False)),
-    )
+    """The LightningModule a config describes: conf/model/ (`_target_`, its arguments interpolated
+    from the other groups), instantiated as the data module is. Fails here, before any data work,
+    on missing weights or a bad loss. Plain containers (_convert_=all), so the hyperparameters the
+    checkpoint saves are readable with weights_only=True."""
+    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    if not isinstance(model, AgeRegressor):
+        raise TypeError(f"model._target_={cfg.model.get('_target_')!r} built a {type(model).__name__}; "
+                        "agecls.train trains an agecls.models.module.AgeRegressor (conf/model/default.yaml)")
+    return model
 
 
 def attach_feature_cache(cfg: DictConfig, model: AgeRegressor, datamodule: L.LightningDataModule) -> None:
@@ -134,7 +124,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     model = build_model(cfg)
     counts = model.param_counts()
-    log.info("Model: %s parameters, %s trainable", _millions(counts["params/total"]), _millions(counts["params/trainable"]))
+    log.info("Model: %s parameters, %s trainable; loss %s, head output width %d", _millions(counts["params/total"]),
+             _millions(counts["params/trainable"]), model.loss_name, model.head.out_features)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if cfg.data.get("feature_cache"):
         attach_feature_cache(cfg, model, datamodule)
@@ -163,11 +154,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not ckpt:
             log.warning("No best checkpoint was saved (fast_dev_run or no validation): testing the current weights")
         t1 = time.perf_counter()
+        model.tta = str(cfg.get("tta") or "none")  # test-time augmentation (checked by check_train_config)
         # Restoring the best checkpoint for testing keeps the trainer's step (only fitting restores
         # loop progress), so test/* land at the run's final step, after every val/* point.
         trainer.test(model, datamodule=datamodule, ckpt_path=ckpt or None, verbose=False, **SAFE_LOAD)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
         metrics["time/test_s"] = time.perf_counter() - t1
+        metrics["tta"] = model.tta
         metrics["best_checkpoint"] = ckpt or None
         if trainer.is_global_zero and model.test_results is not None:
             title = f"{cfg.backbone.name}, freeze={cfg.freeze}, {flat_hparams(cfg)['optimizer']} lr={cfg.lr}"

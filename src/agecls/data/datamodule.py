@@ -1,8 +1,10 @@
-"""The LightningDataModule: source -> cleaning -> seeded split -> datasets and loaders."""
+"""The LightningDataModule: source -> cleaning -> seeded split -> input pipeline -> loaders.
+
+The pipelines (per-sample, cached raw, cached jpeg, cached features) live in agecls.data.pipelines
+behind one interface; this module only chooses one and hands it the split records."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -19,15 +21,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from agecls.data import feature_cache
-from agecls.data.batch_augment import BatchAugment, center_crop
 from agecls.data.cleaning import CleaningOptions, CleaningReport, age_histogram, clean_records
-from agecls.data.dataset import FaceAgeDataset
-from agecls.data.feature_cache import FeatureDataset
 from agecls.data.index import build_index, check_verify, index_file_for
-from agecls.data.jpeg_cache import CachedJpegs, JpegCache, choose_format, decode_batch
-from agecls.data.pixel_cache import CachedImages, PixelCache, cache_key
-from agecls.data.samplers import EpochSampler, sample_seed
+from agecls.data.jpeg_cache import JpegCache
+from agecls.data.pipelines import FeaturePipeline, Pipeline, PipelineOptions, make_pipeline
+from agecls.data.pixel_cache import PixelCache
+from agecls.data.samplers import EpochSampler
 from agecls.data.sources import Source, make_source
 from agecls.data.sources.base import GROUP_COLUMNS
 from agecls.data.splits import (
@@ -41,7 +40,7 @@ from agecls.data.splits import (
     read_split_file,
     relative_paths,
 )
-from agecls.data.transforms import eval_resize, eval_transform, train_transform
+from agecls.data.transforms import DEFAULT_CROP_PCT
 from agecls.utils.checks import check_data_options
 from agecls.utils.files import write_bytes_keeping_previous
 
@@ -88,7 +87,7 @@ class AgeDataModule(L.LightningDataModule):
         check_images: bool = True,
         verify: str = "stat",
         cache_dir: str | None = None,
-        crop_pct: float = 0.875,
+        crop_pct: float = DEFAULT_CROP_PCT,
         augment: Mapping[str, Any] | None = None,
         report_dir: str | None = None,
         test_on: str = "test",
@@ -133,8 +132,7 @@ class AgeDataModule(L.LightningDataModule):
         self.data_train: Dataset | None = None
         self.data_val: Dataset | None = None
         self.data_test: Dataset | None = None
-        self.pixel_cache: PixelCache | JpegCache | None = None
-        self._batch_augment = BatchAugment(image_size, augment) if cache and augment and augment.get("enabled", True) else None
+        self.pipeline: Pipeline | None = None  # chosen once the records are known (_pipeline)
         self._feature_extractor: tuple[Callable[[torch.Tensor], torch.Tensor], torch.device, str] | None = None
 
     # ---------------------------------------------------------------------------------- building
@@ -156,33 +154,58 @@ class AgeDataModule(L.LightningDataModule):
         return index
 
     def prepare_data(self) -> None:
-        """Download or generate the data, build the image index and, with data.cache, the
-        preprocessing cache (once, on local rank 0)."""
+        """Download or generate the data, build the image index and the pipeline's one-off work (the
+        preprocessing cache with data.cache). Lightning calls this on local rank 0 of each machine;
+        the build takes a file lock, so machines sharing the cache folder build it once too."""
         source = self.make_source()
         source.prepare()
-        self._prepare(source)
-        if self.hparams.cache:
-            self._pixel_cache()
+        records = self._prepare(source).records
+        self._pipeline().build(records)
+
+    def pipeline_options(self) -> PipelineOptions:
+        hp = self.hparams
+        return PipelineOptions(
+            image_size=int(hp.image_size), crop_pct=float(hp.crop_pct), augment=hp.augment, seed=int(hp.seed),
+            face_margin=self.face_margin, cache_dir=hp.cache_dir, num_workers=int(hp.num_workers),
+            cache_num_workers=int(hp.cache_num_workers), check_images=bool(hp.check_images),
+        )
+
+    def make_pipeline(self, name: str) -> Pipeline:
+        """The input pipeline `name` (agecls.data.pipelines.PIPELINES, or auto) with this module's
+        options: what the DataModule serves, and what agecls.bench measures."""
+        hp = self.hparams
+        return make_pipeline(name, self.pipeline_options(), len(self._prepare().records),
+                             float(hp.get("cache_memory_budget_gb", 8.0)))
+
+    def _pipeline(self) -> Pipeline:
+        """The one place that chooses the pipeline: per-sample, or the data.cache_format cache (auto
+        picks by data.cache_memory_budget_gb); wrapped by the feature cache when one is attached."""
+        if self.pipeline is None:
+            hp = self.hparams
+            pipeline = self.make_pipeline(str(hp.get("cache_format", "raw")) if hp.cache else "per_sample")
+            if self._feature_extractor is not None:
+                extract, device, weights_key = self._feature_extractor
+                pipeline = FeaturePipeline(pipeline, extract, device, weights_key, int(hp.batch_size), str(hp.test_on))
+            self.pipeline = pipeline
+            log.info("Input pipeline: %s", pipeline.name if not isinstance(pipeline, FeaturePipeline)
+                     else f"features over {pipeline.images.name}")
+        return self.pipeline
 
     @property
     def cache_side(self) -> int:
         """Side of the cached images: the evaluation resize, which leaves the random crop its margin."""
-        return eval_resize(int(self.hparams.image_size), float(self.hparams.crop_pct))
+        return self.pipeline_options().cache_side
 
-    def _pixel_cache(self) -> PixelCache | JpegCache:
-        """The preprocessing cache, built once: raw uint8 pixels or JPEGs (data.cache_format; auto
-        picks by data.cache_memory_budget_gb). The one place that chooses the format."""
-        if self.pixel_cache is None:
-            hp = self.hparams
-            if not hp.cache_dir:
-                raise ValueError("data.cache=true needs data.cache_dir (paths.cache_dir) to store the pixels in")
-            records = self._prepare().records
-            fmt = choose_format(hp.get("cache_format", "raw"), len(records), self.cache_side,
-                                float(hp.get("cache_memory_budget_gb", 8.0)))
-            cls = JpegCache if fmt == "jpeg" else PixelCache
-            self.pixel_cache = cls.build_or_load(records, hp.cache_dir, self.cache_side,
-                                                 self.face_margin, workers=max(1, int(hp.num_workers)))
-        return self.pixel_cache
+    @property
+    def pixel_cache(self) -> PixelCache | JpegCache | None:
+        """The preprocessing cache the pipeline reads (data.cache=true), once built."""
+        pipeline = self.pipeline.images if isinstance(self.pipeline, FeaturePipeline) else self.pipeline
+        return getattr(pipeline, "cache", None)
+
+    @property
+    def records(self) -> pd.DataFrame:
+        """The prepared records: cleaned, one row per image, with their `split`."""
+        return self._prepare().records
 
     def _prepare(self, source: Source | None = None) -> PreparedData:
         if self._prepared is not None:
@@ -336,24 +359,8 @@ class AgeDataModule(L.LightningDataModule):
         test = recs if hp.test_on == "all" else recs[recs["split"] == hp.test_on].reset_index(drop=True)
         test = test.reset_index(drop=True)
         self.test_records = test
-        if hp.cache:
-            # rows of the cache are the prepared records' rows
-            cache = self._pixel_cache()
-            dataset = CachedJpegs if isinstance(cache, JpegCache) else CachedImages
-            row = {p: i for i, p in enumerate(recs["path"])}
-            self.data_train, self.data_val, self.data_test = (
-                dataset(cache, np.array([row[p] for p in part["path"]]), part["age"].to_numpy())
-                for part in (train, val, test)
-            )
-        else:
-            ev = eval_transform(hp.image_size, hp.crop_pct)
-            checked = bool(hp.check_images)  # were files decoded when indexed (for the error message)
-            self.data_train = FaceAgeDataset(train, train_transform(hp.image_size, hp.augment, hp.crop_pct),
-                                             self.face_margin, seed=int(hp.seed), checked=checked)
-            self.data_val = FaceAgeDataset(val, ev, self.face_margin, checked=checked)
-            self.data_test = FaceAgeDataset(test, ev, self.face_margin, checked=checked)
-        if self._feature_extractor is not None:
-            self._use_features(train, val, test)
+        sets = self._pipeline().datasets(recs, {"train": train, "val": val, "test": test})
+        self.data_train, self.data_val, self.data_test = sets["train"], sets["val"], sets["test"]
 
     # ------------------------------------------------------------------------- feature cache
     def attach_feature_extractor(self, extract: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
@@ -361,36 +368,12 @@ class AgeDataModule(L.LightningDataModule):
         """Train on features: `extract` maps a uint8 image batch on `device` to backbone features.
 
         Called before setup (agecls.train does it for data.feature_cache=true with a frozen
-        backbone and no augmentation). The features of every split are computed once and cached.
+        backbone and no augmentation). The features of every split are computed once and cached
+        (agecls.data.pipelines.features).
         """
-        if self.data_train is not None:
+        if self.data_train is not None or self.pipeline is not None:
             raise RuntimeError("attach the feature extractor before setup()")
         self._feature_extractor = (extract, device, weights_key)
-
-    def _use_features(self, train: pd.DataFrame, val: pd.DataFrame, test: pd.DataFrame) -> None:
-        extract, device, weights_key = self._feature_extractor
-        hp = self.hparams
-        data_key = cache_key(self._prepare().records, self.cache_side, self.face_margin)
-        key = hashlib.sha1(f"{data_key}|{hp.image_size}|{hp.crop_pct}|{hp.test_on}|{weights_key}".encode()).hexdigest()[:20]
-        # evaluation views of every split, in dataset order
-        views = {"train": self._eval_view(self.data_train, train), "val": self.data_val, "test": self.data_test}
-        loaders = {name: DataLoader(ds, batch_size=int(hp.batch_size), shuffle=False, num_workers=int(hp.num_workers),
-                                    collate_fn=getattr(ds, "collate_fn", None))
-                   for name, ds in views.items()}
-        feats = feature_cache.build_or_load(key, hp.cache_dir, loaders, self._cropping(extract), device)
-        self.data_train = FeatureDataset(feats["train"], train["age"].to_numpy())
-        self.data_val = FeatureDataset(feats["val"], val["age"].to_numpy())
-        self.data_test = FeatureDataset(feats["test"], test["age"].to_numpy())
-
-    def _eval_view(self, dataset: Dataset, records: pd.DataFrame) -> Dataset:
-        if isinstance(dataset, (CachedImages, CachedJpegs)):
-            return dataset
-        return FaceAgeDataset(records, eval_transform(self.hparams.image_size, self.hparams.crop_pct), self.face_margin,
-                              checked=bool(self.hparams.check_images))
-
-    def _cropping(self, extract: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-        size = int(self.hparams.image_size)
-        return lambda images: extract(center_crop(images, size) if images.shape[-1] != size else images)
 
     def test_groups(self) -> dict[str, list[Any]]:
         """Group labels of the test records (gender, race, ... where the source gives them), one per
@@ -457,38 +440,29 @@ class AgeDataModule(L.LightningDataModule):
             return on_gpu or (trainer is None and torch.cuda.is_available())
         return bool(pin)
 
-    def _on_cuda(self) -> bool:
+    def _device(self) -> torch.device | None:
         trainer = self.trainer
-        return trainer is not None and trainer.strategy is not None and trainer.strategy.root_device.type == "cuda"
+        return trainer.strategy.root_device if trainer is not None and trainer.strategy is not None else None
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """data.cache_format=jpeg on a CUDA device: decode the batch's JPEGs on the GPU, in one call."""
-        if isinstance(batch, dict) and "jpeg" in batch:
-            blobs = [torch.from_numpy(b) for b in batch.pop("jpeg")]
-            batch["image"] = decode_batch(blobs, self.trainer.strategy.root_device)
-        return batch
+        """The pipeline's host step (data.cache_format=jpeg on CUDA: decode the batch on the GPU)."""
+        if self.pipeline is None or self._device() is None:
+            return batch
+        return self.pipeline.before_transfer(batch, self._device())
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With data.cache: the study's augmentation on the device that holds the batch (per
-        sample, seeded by (seed, epoch, first sample)), or the evaluation centre crop."""
-        if not self.hparams.cache or not isinstance(batch, dict) or "image" not in batch:
+        """The pipeline's device step (data.cache: the study's augmentation on the device that holds
+        the batch, per sample, seeded by (seed, epoch, first sample); or the evaluation centre crop)."""
+        if self.pipeline is None:
             return batch
         trainer = self.trainer
-        if self._batch_augment is not None and trainer is not None and trainer.training:
-            epoch = int(batch["epoch"][0]) if "epoch" in batch else 0
-            g = torch.Generator().manual_seed(sample_seed(int(self.hparams.seed), epoch, int(batch["index"][0])))
-            batch["image"] = self._batch_augment(batch["image"], g)
-        else:
-            batch["image"] = center_crop(batch["image"], int(self.hparams.image_size))
-        return batch
+        return self.pipeline.on_device(batch, training=trainer is not None and trainer.training)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
-        # the raw cache only gathers rows (data.cache_num_workers); the jpeg cache decodes, which
-        # needs the data.num_workers worker processes (on a CUDA device it decodes there instead)
-        workers = int(hp.cache_num_workers) if isinstance(dataset, CachedImages) else int(hp.num_workers)
-        if isinstance(dataset, CachedJpegs):
-            dataset.decode_in_loader = not self._on_cuda()
+        pipeline = self._pipeline()
+        workers = pipeline.workers
+        pipeline.loader_ready(dataset, self._device())
         sampler = None
         if train:
             weights = None

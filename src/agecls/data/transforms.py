@@ -14,13 +14,15 @@ from typing import Any
 
 from torchvision.transforms import InterpolationMode, v2
 
+from agecls.deploy import DEFAULT_CROP_PCT
+
 
 def eval_resize(image_size: int, crop_pct: float) -> int:
     """Side to resize to before the centre crop (timm's convention: image_size / crop_pct)."""
     return int(math.floor(image_size / float(crop_pct or 1.0)))
 
 
-def eval_transform(image_size: int, crop_pct: float = 0.875) -> v2.Compose:
+def eval_transform(image_size: int, crop_pct: float = DEFAULT_CROP_PCT) -> v2.Compose:
     return v2.Compose(
         [
             v2.Resize(eval_resize(image_size, crop_pct), interpolation=InterpolationMode.BILINEAR, antialias=True),
@@ -30,7 +32,7 @@ def eval_transform(image_size: int, crop_pct: float = 0.875) -> v2.Compose:
     )
 
 
-def train_transform(image_size: int, augment: Mapping[str, Any] | None, crop_pct: float = 0.875) -> v2.Compose:
+def train_transform(image_size: int, augment: Mapping[str, Any] | None, crop_pct: float = DEFAULT_CROP_PCT) -> v2.Compose:
     """The study's augmentation, in its order: flip, colour jitter, rotation, random resized crop,
     affine. Every sample gets its own draw, a new one every epoch. A null option is skipped."""
     if not augment or not augment.get("enabled", True):

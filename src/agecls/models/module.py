@@ -1,4 +1,5 @@
-"""The LightningModule: a pretrained backbone with a grafted MLP head, trained with L1 loss on age."""
+"""The LightningModule: a pretrained backbone with a grafted MLP head, trained with a configurable
+loss (agecls.models.losses; the study's L1 on the standardised age by default)."""
 
 from __future__ import annotations
 
@@ -13,15 +14,17 @@ import hydra
 import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MinMetric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from agecls.data.transforms import DEFAULT_CROP_PCT
 from agecls.models.backbones import Backbone, build_backbone
 from agecls.models.heads import MLPHead
+from agecls.models.losses import AgeLoss, build_loss, loss_config, loss_name
 from agecls.models.metrics import stage_metrics
 from agecls.utils.checkpoint import CheckpointError, read_checkpoint
+from agecls.utils.checks import check_tta
 
 log = logging.getLogger(__name__)
 
@@ -33,19 +36,28 @@ DEFAULT_AGE_RANGE = (0.0, 100.0)
 
 
 class AgeNet(nn.Module):
-    """The model itself: pixels -> backbone features -> head -> age in years. A plain nn.Module
-    (no training logic), which is what export and inference need."""
+    """The model itself: pixels -> backbone features -> head -> the loss's readout -> age in years.
+    A plain nn.Module (no training logic), which is what export and inference need: its forward
+    returns years whatever the loss, so agecls.export, agecls.predict and the server need not know it.
+
+    The output scale (`age_mean`, `age_std`) is held by the loss (regression losses rescale with it)
+    and saved under this module's keys `age_mean` / `age_std`, the ones checkpoints have always had.
+    """
+
+    SCALE_KEYS = ("age_mean", "age_std")
 
     def __init__(self, backbone: Backbone, head: MLPHead, pixel_mean: list[float], pixel_std: list[float],
-                 channels_last: bool = False) -> None:
+                 channels_last: bool = False, loss: AgeLoss | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.loss = loss if loss is not None else build_loss(None)
+        if self.head.out_features != self.loss.out_features:
+            raise ValueError(f"the head's output is {self.head.out_features} wide but loss {self.loss.name} "
+                             f"reads {self.loss.out_features}")
         self.channels_last = channels_last
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("age_mean", torch.tensor(0.0))
-        self.register_buffer("age_std", torch.tensor(1.0))
         # the range predictions are clipped to (AgeRegressor.set_age_range); not in the state_dict
         # (older checkpoints have no such entries): it travels as hyperparameters age_min/age_max
         self.register_buffer("age_min", torch.tensor(DEFAULT_AGE_RANGE[0]), persistent=False)
@@ -60,13 +72,57 @@ class AgeNet(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
 
-    def from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Age in years from backbone features (the head and the output scale)."""
-        z = self.head(features).squeeze(-1)
-        return z.float() * self.age_std + self.age_mean
+    @property
+    def age_mean(self) -> torch.Tensor:
+        return self.loss.age_mean
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.from_features(self.features(images))
+    @property
+    def age_std(self) -> torch.Tensor:
+        return self.loss.age_std
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self.SCALE_KEYS:
+            value = getattr(self.loss, name)
+            destination[prefix + name] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        # the scale goes to the loss's buffers; the rest as nn.Module loads it
+        keys = {prefix + name: name for name in self.SCALE_KEYS}
+        with torch.no_grad():
+            for key, name in keys.items():
+                if key in state_dict:
+                    getattr(self.loss, name).copy_(state_dict[key])
+                elif strict:
+                    missing_keys.append(key)
+        rest = {k: v for k, v in state_dict.items() if k not in keys}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def from_features(self, features: torch.Tensor, head_output: bool = False) -> torch.Tensor:
+        """Age in years from backbone features (the head and the loss's readout); with
+        head_output=True the head's output itself, (B, loss.out_features), which the loss takes."""
+        output = self.head(features)
+        return output if head_output else self.loss.readout(output)
+
+    def readout(self, output: torch.Tensor) -> torch.Tensor:
+        """Age in years, (B,), from the head's output."""
+        return self.loss.readout(output)
+
+    def forward(self, images: torch.Tensor, head_output: bool = False) -> torch.Tensor:
+        return self.from_features(self.features(images), head_output)
+
+    def predict_years(self, images: torch.Tensor, tta: str = "none", plain: torch.Tensor | None = None) -> torch.Tensor:
+        """Age in years, (B,), unclipped, with test-time augmentation `tta`: none, the prediction on
+        `images`; flip, the mean of the predictions on `images` and on their horizontal flips. The one
+        implementation of TTA (test stage, agecls.eval, agecls.predict). `plain`: the prediction
+        on `images` where the caller has it already (it is not computed again)."""
+        tta = check_tta(tta)
+        years = self(images) if plain is None else plain
+        if tta == "flip":
+            years = (years + self(torch.flip(images, dims=[-1]))) / 2
+        return years
 
     def clip(self, ages: torch.Tensor) -> torch.Tensor:
         """Ages clipped to the model's age range: the readout of every prediction a user sees
@@ -94,13 +150,21 @@ class AgeRegressor(L.LightningModule):
     `image_size`; the module applies the normalisation its backbone was pretrained with, so data
     pipelines, `predict` and exported models all feed plain pixels.
 
-    The head predicts a standardised age, rescaled by the train split's mean and standard deviation
-    (`age_mean`, `age_std`: stored in the checkpoint). The loss is L1 on that standardised age,
-    i.e. MAE in years / age_std: the study's L1 loss, at a scale at which lr 1e-4 works.
+    `loss` (conf/loss/<name>.yaml, a plain dict; None = the study's l1) decides the width of the
+    head's output layer and how that output is read as an age (agecls.models.losses). With l1 the
+    head predicts a standardised age, rescaled by the train split's mean and standard deviation
+    (`age_mean`, `age_std`: stored in the checkpoint), and the loss is L1 on that standardised age,
+    i.e. MAE in years / age_std: the study's L1 loss, at a scale at which lr 1e-4 works. Every
+    loss's metrics are those of the ages its readout gives.
 
     Every constructor argument is a plain value or dict and is saved with the checkpoint, so
     `AgeRegressor.load_from_checkpoint(path)` rebuilds the model with no other argument.
     """
+
+    # Test-time augmentation of the test stage (AgeNet.predict_years): none | flip. Not a
+    # hyperparameter (a checkpoint does not carry it): agecls.train and agecls.eval set it from
+    # their config's `tta` before testing, and record it in metrics.json.
+    tta: str = "none"
 
     def __init__(
         self,
@@ -111,7 +175,7 @@ class AgeRegressor(L.LightningModule):
         freeze: bool | int | str = False,
         pretrained: bool = True,
         image_size: int = 128,
-        crop_pct: float = 0.875,
+        crop_pct: float = DEFAULT_CROP_PCT,
         age_mean: float | None = None,
         age_std: float | None = None,
         age_min: float | None = None,
@@ -120,17 +184,25 @@ class AgeRegressor(L.LightningModule):
         cs_threshold: float = 5.0,
         channels_last: bool = False,
         compile: bool = False,
+        loss: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if not scheduler:  # conf/scheduler/none.yaml interpolates as {}: no scheduler, saved as before
+            self.hparams.scheduler = None
+        # every parameter of the loss, defaults filled in: a checkpoint says exactly what it trained
+        # with (one from before losses were configurable has none, and is the study's l1)
+        self.hparams.loss = loss_config(loss)
+        loss_fn = build_loss(self.hparams.loss)
         trunk = build_backbone(pretrained=pretrained, **backbone)
         trunk.freeze(freeze)
         self.net = AgeNet(
             trunk,
-            MLPHead(trunk.num_features, head["hidden"], dropout=head_dropout),
+            MLPHead(trunk.num_features, head["hidden"], dropout=head_dropout, output_layer=loss_fn.output_layer),
             pixel_mean=backbone.get("mean") or trunk.default_mean,
             pixel_std=backbone.get("std") or trunk.default_std,
             channels_last=channels_last,
+            loss=loss_fn,
         )
         self.register_buffer("age_stats_set", torch.tensor(False))
         if age_mean is not None and age_std is not None:
@@ -194,6 +266,15 @@ class AgeRegressor(L.LightningModule):
     @property
     def head(self) -> MLPHead:
         return self.net.head
+
+    @property
+    def loss_fn(self) -> AgeLoss:
+        """The loss: loss_fn(head output, ages in years) -> scalar; loss_fn.readout(head output) -> years."""
+        return self.net.loss
+
+    @property
+    def loss_name(self) -> str:
+        return loss_name(self.hparams.loss)
 
     @property
     def age_std(self) -> torch.Tensor:
@@ -275,14 +356,22 @@ class AgeRegressor(L.LightningModule):
         self.val_mae_best.reset()
 
     # ----------------------------------------------------------------------------------- steps
-    def _loss(self, pred: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
-        return F.l1_loss(pred, age) / self.age_std
+    def training_loss(self, output: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
+        """The configured loss of head outputs against ages in years (what training minimises;
+        agecls.bench times the same)."""
+        return self.net.loss(output, age)
 
-    def _predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        # cached backbone features (data.feature_cache) go straight to the head
+    def _head_output(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # cached backbone features (data.feature_cache) go straight to the head; images go through
+        # self.net's forward (the compiled one with compile=true)
         if "features" in batch:
-            return self.net.from_features(batch["features"])
-        return self(batch["image"])
+            return self.net.from_features(batch["features"], head_output=True)
+        return self.net(batch["image"], head_output=True)
+
+    def _predict(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head output, the age in years it reads out as, unclipped)."""
+        output = self._head_output(batch)
+        return output, self.net.readout(output)
 
     def _for_metrics(self, pred: torch.Tensor, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # float64 (where the device has it): Pearson/Spearman of nearly constant predictions
@@ -293,8 +382,8 @@ class AgeRegressor(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         age = batch["age"].float()
-        pred = self._predict(batch)
-        loss = self._loss(pred, age)
+        output, pred = self._predict(batch)
+        loss = self.training_loss(output, age)
         self.train_mae(pred.detach(), age)
         bs = age.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
@@ -303,8 +392,8 @@ class AgeRegressor(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         age = batch["age"].float()
-        pred = self._predict(batch)
-        self.log("val/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
+        output, pred = self._predict(batch)
+        self.log("val/loss", self.training_loss(output, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
         self.val_metrics.update(*self._for_metrics(pred, age))
 
     def on_validation_epoch_end(self) -> None:
@@ -319,9 +408,18 @@ class AgeRegressor(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         age = batch["age"].float()
-        raw = self._predict(batch)
+        output, raw = self._predict(batch)
+        if self.tta != "none":  # the mean with the prediction on the flipped images
+            if "image" not in batch:
+                raise RuntimeError(
+                    f"tta={self.tta} needs the test images, but this test loader gives cached backbone features "
+                    f"(data.feature_cache=true); test with tta=none, or evaluate the checkpoint with "
+                    f"`python -m agecls.eval ckpt_path=PATH tta={self.tta}`")
+            raw = self.net.predict_years(batch["image"], self.tta, plain=raw)
         pred = self.net.clip(raw)  # test metrics are those of the ages a user gets
-        self.log("test/loss", self._loss(pred, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
+        # the loss of the head's output, as val/loss (a class distribution has no clipped form);
+        # with tta, of the unaugmented pass
+        self.log("test/loss", self.training_loss(output, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
         self.test_metrics.update(*self._for_metrics(pred, age))
         self._test_outputs.append({"index": batch["index"].detach(), "age": age.detach(), "pred": pred.detach().float(),
                                    "raw": raw.detach().float()})
@@ -352,7 +450,7 @@ class AgeRegressor(L.LightningModule):
         self._test_outputs = []
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:
-        raw = self._predict(batch)
+        _, raw = self._predict(batch)
         return {"index": batch["index"], "predicted": self.net.clip(raw), "predicted_raw": raw}
 
     # -------------------------------------------------------------------------------- optimiser
@@ -364,7 +462,19 @@ class AgeRegressor(L.LightningModule):
             return optimizer
         interval = sched_cfg.pop("interval", "epoch")
         if sched_cfg["_target_"].endswith("OneCycleLR"):
-            sched_cfg.setdefault("total_steps", int(self.trainer.estimated_stepping_batches))
+            total = int(sched_cfg.setdefault("total_steps", int(self.trainer.estimated_stepping_batches)))
             interval = "step"
+            # OneCycleLR divides by each phase's length: a very short run (a smoke test, a tiny data
+            # set) needs each phase to keep at least a step, or has too few steps for a cycle at all
+            if total < 3:
+                log.warning("scheduler=onecycle: %d optimizer steps in all, too few for a cycle; training "
+                            "at a constant lr=%s instead", total, self.hparams.optimizer.get("lr"))
+                return optimizer
+            pct = float(sched_cfg.get("pct_start", 0.3))
+            fitted = min(max(pct, 2.0 / total), (total - 1.5) / total)
+            if fitted != pct:
+                log.warning("scheduler=onecycle: pct_start=%g leaves a phase without a step in a %d-step run; "
+                            "using %.3f", pct, total, fitted)
+                sched_cfg["pct_start"] = fitted
         scheduler = hydra.utils.instantiate(sched_cfg)(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from agecls.deploy import DEFAULT_CROP_PCT
+
 
 class ConfigValueError(ValueError):
     """A configured value is out of its allowed range."""
@@ -80,13 +82,32 @@ def check_splits(splits: Any, key: str = "data.splits") -> list[float]:
     return [float(v) for v in splits]
 
 
+TTA_MODES = ("none", "flip")  # tta: test-time augmentation (AgeNet.predict_years)
+
+
+def check_tta(value: Any, key: str = "tta") -> str:
+    """The test-time augmentation `value` names: none, or flip (the mean of the predictions on each
+    image and on its horizontal flip)."""
+    if isinstance(value, str) and value in TTA_MODES:
+        return value
+    hint = " (agecls.predict's tta=true is tta=flip here)" if isinstance(value, bool) else ""
+    fail(key, value, f"choose one of {', '.join(TTA_MODES)}: none predicts each image once, flip averages the "
+                     f"prediction on the image and on its horizontal flip{hint}")
+    raise AssertionError  # unreachable: fail raises
+
+
 def min_image_size(backbone: Mapping[str, Any] | None) -> int:
     """The smallest input side a backbone takes: its config's `min_image_size` (conf/backbone/*.yaml)."""
     value = (backbone or {}).get("min_image_size")
     return int(value) if value else 1
 
 
-CACHE_FORMATS = ("raw", "jpeg", "auto")  # data.cache_format
+def cache_formats() -> tuple[str, ...]:
+    """data.cache_format's values: the cached input pipelines (agecls.data.pipelines.PIPELINES), or auto."""
+    # imported here: the pipelines need torch, these checks do not
+    from agecls.data.pipelines import PIPELINES
+
+    return (*(name for name in PIPELINES if name != "per_sample"), "auto")
 
 
 def check_data_options(
@@ -101,7 +122,7 @@ def check_data_options(
     min_age: Any = 0,
     max_age: Any = 100,
     age_bin_width: Any = 5,
-    crop_pct: Any = 0.875,
+    crop_pct: Any = DEFAULT_CROP_PCT,
     min_size: int = 1,
     backbone_name: str | None = None,
     prefix: str = "data.",
@@ -112,8 +133,8 @@ def check_data_options(
     check_number(f"{prefix}batch_size", batch_size, minimum=1, integer=True)
     check_number(f"{prefix}num_workers", num_workers, minimum=0, integer=True)
     check_number(f"{prefix}cache_num_workers", cache_num_workers, minimum=0, integer=True)
-    if cache_format not in CACHE_FORMATS:
-        fail(f"{prefix}cache_format", cache_format, f"choose one of {', '.join(CACHE_FORMATS)}")
+    if cache_format not in cache_formats():
+        fail(f"{prefix}cache_format", cache_format, f"choose one of {', '.join(cache_formats())}")
     check_number(f"{prefix}cache_memory_budget_gb", cache_memory_budget_gb, above=0)
     check_number(f"{prefix}min_age", min_age, minimum=0)
     check_number(f"{prefix}max_age", max_age, above=float(min_age), why=f" (above {prefix}min_age={min_age})")
@@ -123,11 +144,75 @@ def check_data_options(
     return check_splits(splits, f"{prefix}splits")
 
 
+def check_loss_config(loss: Any, key: str = "loss") -> tuple[str, dict[str, Any]]:
+    """A loss config (conf/loss/<name>.yaml: a `_target_` and the loss's parameters), checked:
+    returns its loss= name and all its parameters (defaults filled in) as plain values. An unknown
+    loss, a parameter the loss does not take or a value out of range raises ConfigValueError naming
+    it and what to do.
+    Only the classes of agecls.models.losses.LOSSES are accepted, so a `_target_` read from a file
+    (a checkpoint's hyperparameters) cannot name other code."""
+    # imported here: it needs torch; these checks do not
+    from agecls.models import losses
+
+    if OmegaConf.is_config(loss):
+        loss = OmegaConf.to_container(loss, resolve=True)
+    names = ", ".join(losses.LOSSES)
+    if not isinstance(loss, Mapping):
+        fail(key, loss, f"must be a loss config with a _target_: choose loss=<name>, name one of {names} (conf/loss/)")
+    target = loss.get("_target_")
+    by_target = {losses.target_of(cls): name for name, cls in losses.LOSSES.items()}
+    if target not in by_target:
+        fail(f"{key}._target_", target, f"is not a loss agecls knows: choose loss=<name>, name one of {names} "
+                                        "(conf/loss/<name>.yaml gives its _target_)")
+    name = by_target[target]
+    params = {k: v for k, v in loss.items() if k != "_target_"}
+    allowed = losses.loss_parameters(losses.LOSSES[name])
+    for k, v in params.items():
+        if k not in allowed:
+            fail(f"{key}.{k}", v, f"is not a parameter of loss={name}; its parameters: {', '.join(allowed) or 'none'}")
+    value = {**allowed, **params}
+    if "min_age" in allowed:
+        why = " (the age classes are the whole years from min_age to max_age)"
+        low = check_number(f"{key}.min_age", value["min_age"], minimum=0, why=why)
+        high = check_number(f"{key}.max_age", value["max_age"], why=why)
+        for k, v in (("min_age", low), ("max_age", high)):
+            if float(v) != int(v):
+                fail(f"{key}.{k}", v, f"must be a whole number of years{why}")
+        if high <= low:
+            fail(f"{key}.max_age", high, f"must be above {key}.min_age={low:g}: the age range [{low:g}, {high:g}] "
+                                         f"is empty{why}; raise {key}.max_age or lower {key}.min_age")
+    if "sigma" in allowed:
+        check_number(f"{key}.sigma", value["sigma"], above=0, why=" (years: the spread of the label distribution)")
+    if "beta" in allowed:
+        check_number(f"{key}.beta", value["beta"], above=0, why=" (years: where the loss turns from quadratic to linear)")
+    for k in ("l1_weight", "lambda_mean", "lambda_variance"):
+        if k in allowed:
+            check_number(f"{key}.{k}", value[k], minimum=0, why=" (a weight of one term of the loss)")
+    if "variant" in allowed and value["variant"] not in losses.ORDINAL_VARIANTS:
+        fail(f"{key}.variant", value["variant"], f"choose one of {', '.join(losses.ORDINAL_VARIANTS)}")
+    if "readout" in allowed and value["readout"] not in losses.ORDINAL_READOUTS:
+        fail(f"{key}.readout", value["readout"], f"choose one of {', '.join(losses.ORDINAL_READOUTS)}")
+    return name, value
+
+
 def _get(cfg: Any, dotted: str, default: Any = None) -> Any:
     """cfg's value at `dotted`; `default` where it is absent or missing (???)."""
     if not OmegaConf.is_config(cfg):
         return default
     return OmegaConf.select(cfg, dotted, default=default, throw_on_missing=False)
+
+
+def _check_loss_covers_data(name: str, params: Mapping[str, Any], data_min: Any, data_max: Any) -> None:
+    """A loss over age classes must have a class for every age the data keeps ([data.min_age,
+    data.max_age]); an age outside would silently train towards the nearest end."""
+    if "min_age" not in params or data_min is None or data_max is None:
+        return
+    if params["min_age"] > data_min:
+        fail("loss.min_age", params["min_age"], f"must be <= data.min_age={data_min} (loss={name} needs a class for "
+                                                "every age the data keeps); lower loss.min_age or raise data.min_age")
+    if params["max_age"] < data_max:
+        fail("loss.max_age", params["max_age"], f"must be >= data.max_age={data_max} (loss={name} needs a class for "
+                                                "every age the data keeps); raise loss.max_age or lower data.max_age")
 
 
 def check_train_config(cfg: Any) -> None:
@@ -166,6 +251,15 @@ def check_train_config(cfg: Any) -> None:
     age_std = _get(cfg, "model.age_std")
     if age_std is not None:
         check_number("model.age_std", age_std, above=0)
+    loss = _get(cfg, "loss")
+    if loss is not None:  # (a config without the loss group: the study's l1)
+        name, params = check_loss_config(loss)
+        _check_loss_covers_data(name, params, _get(cfg, "data.min_age"), _get(cfg, "data.max_age"))
+    tta = check_tta(_get(cfg, "tta", "none"))
+    if tta != "none" and testing and _get(cfg, "data.feature_cache"):
+        fail("tta", tta, "needs the test images, but data.feature_cache=true tests on cached backbone features; "
+                         "train with tta=none (or data.feature_cache=false), then evaluate the checkpoint with "
+                         "`python -m agecls.eval ckpt_path=PATH tta=flip`")
 
     # data
     data = _get(cfg, "data")

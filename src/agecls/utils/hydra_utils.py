@@ -61,6 +61,7 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "backbone": cfg.backbone.name,
         "head": cfg.head.name,
+        "loss": loss_choice(cfg)[0],
         "freeze": str(freeze).lower() if isinstance(freeze, bool) else str(freeze),
         "pretrained": bool(cfg.pretrained),
         "optimizer": str(cfg.optimizer._target_).rsplit(".", 1)[-1].lower(),
@@ -73,8 +74,18 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
         "max_epochs": int(cfg.trainer.max_epochs) if cfg.trainer.get("max_epochs") is not None else -1,
         "seed": int(cfg.seed) if cfg.get("seed") is not None else -1,
         "precision": str(cfg.trainer.get("precision", "32-true")),
+        "tta": str(cfg.get("tta") or "none"),  # test-time augmentation of the test stage
     }
     return out
+
+
+def loss_choice(cfg: DictConfig) -> tuple[str, int]:
+    """(loss= name, the head's output width it needs) of a config; a config without the loss group
+    trains with the study's l1."""
+    from agecls.models.losses import build_loss, loss_name  # imported here: it needs torch
+
+    loss = to_dict(cfg.get("loss"))
+    return loss_name(loss), build_loss(loss).out_features
 
 
 def metric_value(metrics: Mapping[str, Any], name: str | None) -> float | None:
@@ -103,12 +114,16 @@ def train_summary(cfg: DictConfig) -> str:
     """One line with a training run's key choices; the whole resolved config is in
     <run dir>/.hydra/config.yaml (and `--cfg job` prints it)."""
     hp = flat_hparams(cfg)
-    items = {k: hp[k] for k in ("backbone", "pretrained", "head", "freeze", "optimizer", "lr", "scheduler")}
+    items = {k: hp[k] for k in ("backbone", "pretrained", "head", "loss")}
+    items["head_output"] = loss_choice(cfg)[1]
+    items.update({k: hp[k] for k in ("freeze", "optimizer", "lr", "scheduler")})
     items.update(data=hp["data"], root=cfg.data.get("root"), image_size=hp["image_size"], batch_size=hp["batch_size"],
                  max_epochs=hp["max_epochs"], precision=hp["precision"], accelerator=cfg.trainer.get("accelerator"),
                  seed=hp["seed"], output_dir=cfg.paths.output_dir)
     if not cfg.get("train", True) or not cfg.get("test", True):
         items.update(train=bool(cfg.get("train", True)), test=bool(cfg.get("test", True)))
+    if hp["tta"] != "none":
+        items["tta"] = hp["tta"]
     if cfg.get("ckpt_path"):
         items["ckpt_path"] = cfg.ckpt_path
     return ", ".join(f"{k}={v}" for k, v in items.items())
@@ -130,6 +145,7 @@ def progress_bar_enabled(setting: bool | None, callbacks: list[Callback] = ()) -
 EVAL_SUMMARY = {
     "ckpt_path": "ckpt_path",
     "split": "eval.split",
+    "tta": "tta",
     "data": "data.source",
     "root": "data.root",
     "batch_size": "eval.batch_size",

