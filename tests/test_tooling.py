@@ -216,7 +216,8 @@ def test_optuna_search_over_optimizer_lr_freeze_and_head(tmp_path, cache_dir) ->
     assert result.best_value == pytest.approx(summary["val/mae_best"].min())
 
 
-@pytest.mark.parametrize("cache_format", ["raw", "jpeg"])
+# jpeg: the same lock and build path as raw (pipelines.cached), only the cache class differs: slow
+@pytest.mark.parametrize("cache_format", ["raw", pytest.param("jpeg", marks=pytest.mark.slow)])
 def test_ddp_on_two_cpu_processes_writes_one_synchronised_set_of_outputs(tmp_path, cache_format) -> None:
     run, cache = tmp_path / "ddp", tmp_path / "cache"  # a cache folder of its own: built by this run
     over = [o for o in TINY if not o.startswith(("trainer.accelerator", "trainer.limit_test"))]
