@@ -1,9 +1,10 @@
 """Tables and figures of docs/results.md from the run directories scripts/results.sh leaves.
 
     python scripts/results_tables.py outputs/results [docs/results]
+    python scripts/results_tables.py --axes outputs/axes [docs/results]   (scripts/results_axes.sh)
 
-Prints the markdown tables (and writes them to <dest>/tables.md with a CSV per table) and copies
-the scatter plots and the sweep figure as small PNGs into <dest>.
+Prints the markdown tables (and writes them to <dest>/tables.md, or axes.md, with a CSV per table)
+and copies the scatter plots and the sweep figure as small PNGs into <dest>.
 """
 
 from __future__ import annotations
@@ -114,5 +115,64 @@ def main(src: str, dest: str = "docs/results") -> None:
     print(text)
 
 
+def mean_sd(values: pd.Series) -> str:
+    return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
+
+
+def group_rows(metrics: dict, column: str) -> pd.DataFrame:
+    """MAE and count per group of `column` (gender, race) from a metrics.json."""
+    prefix = f"test/mae_by_{column}/"
+    rows = [{column: k[len(prefix):], "images": int(metrics.get(f"test/n_by_{column}/{k[len(prefix):]}", 0)), "MAE": v}
+            for k, v in metrics.items() if k.startswith(prefix)]
+    return pd.DataFrame(rows).sort_values("images", ascending=False) if rows else pd.DataFrame()
+
+
+def axes(src: str, dest: str = "docs/results") -> None:
+    """The tables of scripts/results_axes.sh's runs: losses, flip TTA, MAE by group."""
+    src_dir, dest_dir = Path(src), Path(dest)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = []
+    summary = src_dir / "losses" / "summary.csv"
+    if summary.exists():
+        s = pd.read_csv(summary)
+        failed = s[s["status"] != "ok"]
+        s = s[s["status"] == "ok"]
+        rows = []
+        for loss, g in s.groupby("loss"):
+            row = {"loss": loss, "seeds": len(g), "val MAE": mean_sd(g["val/mae_best"])}
+            row.update({v: mean_sd(g[k]) for k, v in METRICS.items()})
+            row["trainable params"] = f"{int(g['params/trainable'].iloc[0]):,}"
+            row["_order"] = g["test/mae"].mean()
+            rows.append(row)
+        table = pd.DataFrame(rows).sort_values("_order").drop(columns="_order")
+        out += ["### Losses (frozen EfficientNet-Lite0, head on cached features, 10 epochs; mean ± sd over seeds 42, 1, 2)",
+                "", fmt(table), ""]
+        if len(failed):
+            out += [f"Failed jobs: {', '.join(failed['overrides'])}", ""]
+        table.to_csv(dest_dir / "losses.csv", index=False)
+    gain = src_dir / "tta" / "tta_gain.csv"
+    if gain.exists():
+        g = pd.read_csv(gain)
+        table = pd.DataFrame({"checkpoint": g["run"], "images": g["n_images"], "MAE": g["mae_none"],
+                              "MAE flip": g["mae_flip"], "gain (years)": g["mae_gain"],
+                              "Pearson": g["pearson_none"], "Pearson flip": g["pearson_flip"]})
+        out += ["### Test-time augmentation (horizontal flip)", "", fmt(table), ""]
+        table.to_csv(dest_dir / "tta.csv", index=False)
+        # MAE by group of the best checkpoint (lowest MAE with flip), from its evaluation
+        best = g.loc[g["mae_flip"].idxmin(), "run"]
+        metrics = json.loads((src_dir / "tta" / best / "flip" / "metrics.json").read_text())
+        for column in ("gender", "race"):
+            frame = group_rows(metrics, column)
+            if len(frame):
+                out += [f"### MAE by {column}: {best} (tta=flip)", "", fmt(frame), ""]
+                frame.to_csv(dest_dir / f"mae_by_{column}.csv", index=False)
+    text = "\n".join(out)
+    (dest_dir / "axes.md").write_text(text)
+    print(text)
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1:2] == ["--axes"]:
+        axes(*sys.argv[2:])
+    else:
+        main(*sys.argv[1:])

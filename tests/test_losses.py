@@ -298,3 +298,16 @@ def test_the_model_comes_from_its_config_with_one_default_each(make_cfg) -> None
     # plain containers: what torch.load(weights_only=True) reads back
     assert all(type(v) in (dict, list, str, int, float, bool, type(None)) for v in hp.values())
     assert isinstance(model.head[-1], torch.nn.Linear) and model.head.out_features == 100
+
+
+@pytest.mark.parametrize("target", ["CrossEntropyAgeLoss", "DLDLLoss", "DLDLv2Loss", "MeanVarianceLoss"])
+def test_class_readouts_stay_float32_under_bf16_autocast(target: str) -> None:
+    """A matmul under autocast runs in bf16, which rounds ages 32-64 to quarter years."""
+    loss = build_loss({"_target_": f"agecls.models.losses.{target}"})
+    logits = torch.randn(16, loss.out_features, generator=torch.Generator().manual_seed(0)) * 3
+    ages = torch.linspace(5, 95, 16)
+    plain, plain_loss = loss.readout(logits), loss(logits, ages)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, auto_loss = loss.readout(logits), loss(logits, ages)
+    assert auto.dtype == torch.float32
+    assert torch.allclose(auto, plain, atol=1e-5) and torch.allclose(auto_loss, plain_loss, atol=1e-5)

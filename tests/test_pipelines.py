@@ -148,3 +148,28 @@ def test_two_processes_build_one_cache(crops: Path, tmp_path: Path) -> None:
     assert [p.name for p in (tmp_path / "cache" / "pixels").iterdir() if not p.name.startswith(".")] == [Path(dirs[0]).name]
     images = np.load(Path(dirs[0]) / "images.npy", mmap_mode="r")
     assert images.shape[0] == len(records) and images[-1].any()
+
+
+def test_feature_cache_key_follows_the_split(crops: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feature cache holds one array per split: another split of the same images must not reuse it."""
+    from agecls.data import feature_cache
+    from agecls.data.pipelines import FeaturePipeline, PerSamplePipeline
+
+    keys = []
+
+    def fake_build(key, cache_dir, loaders, extract, device):
+        keys.append(key)
+        return {s: np.zeros((len(ld.dataset), 4), dtype=np.float32) for s, ld in loaders.items()}
+
+    monkeypatch.setattr(feature_cache, "build_or_load", fake_build)
+    options = PipelineOptions(image_size=48, crop_pct=0.875, augment=None, seed=0, cache_dir=str(tmp_path))
+    pipeline = FeaturePipeline(PerSamplePipeline(options), lambda x: x, torch.device("cpu"), "w", batch_size=8)
+    records = pd.DataFrame({"path": [str(p) for p in sorted(crops.iterdir())], "age": 30.0})
+
+    def parts(cut: int) -> dict[str, pd.DataFrame]:
+        return {"train": records.iloc[:cut], "val": records.iloc[cut:25], "test": records.iloc[25:]}
+
+    pipeline.datasets(records, parts(20))
+    pipeline.datasets(records, parts(20))
+    pipeline.datasets(records, parts(15))
+    assert keys[0] == keys[1] and keys[2] != keys[0]

@@ -35,6 +35,8 @@ BAD_VALUES = [
     (["data.splits=[0.8,0.2]"], ["data.splits=[0.8, 0.2]", "three"]),
     (["data.splits=[0.9,0.0,0.1]"], ["data.splits=[0.9, 0.0, 0.1]", "val share"]),
     (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
+    (["data.crop_pct=null"], ["data.crop_pct=None", "must be a number", "1.0"]),
+    (["data.crop_pct=1.2"], ["data.crop_pct=1.2", "<= 1"]),
     (["data.num_workers=-1"], ["data.num_workers=-1", ">= 0"]),
     (["data.min_age=60", "data.max_age=40"], ["data.max_age=40", "data.min_age=60"]),
     (["head.hidden=[512,0,32]"], ["head.hidden[1]=0", ">= 1"]),

@@ -467,7 +467,8 @@ class AgeDataModule(L.LightningDataModule):
         if train:
             weights = None
             if hp.sampler == "balanced":
-                bins = np.floor(dataset.ages / float(hp.age_bin_width)).astype(int)
+                # ages: numpy (image datasets) or a tensor (FeatureDataset)
+                bins = np.floor(np.asarray(dataset.ages, dtype=np.float64) / float(hp.age_bin_width)).astype(int)
                 counts = np.bincount(bins - bins.min())
                 weights = 1.0 / counts[bins - bins.min()]
             sampler = EpochSampler(len(dataset), int(hp.seed), weights=weights, epoch_fn=self._current_epoch)

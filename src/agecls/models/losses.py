@@ -136,8 +136,13 @@ class AgeClassLoss(AgeLoss):
         """The class of each age: the nearest whole year, ages outside the range at its ends."""
         return (torch.round(age.float()) - self.min_age).clamp(0, self.num_classes - 1).long()
 
+    def expected_age(self, p: torch.Tensor) -> torch.Tensor:
+        """(B,) float32: the mean age of class distributions p (B, K). A product and a sum, not a
+        matmul: autocast runs matmuls in bf16, which would round ages to 0.25-0.5 years."""
+        return (p.float() * self.ages).sum(dim=-1)
+
     def readout(self, output: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(output.float(), dim=-1) @ self.ages
+        return self.expected_age(torch.softmax(output.float(), dim=-1))
 
     def extra_repr(self) -> str:
         return f"classes={self.num_classes} (ages {self.min_age} to {self.max_age})"
@@ -211,7 +216,7 @@ class MeanVarianceLoss(AgeClassLoss):
     def forward(self, output: torch.Tensor, age: torch.Tensor) -> torch.Tensor:
         logits = output.float()
         p = torch.softmax(logits, dim=-1)
-        mean = p @ self.ages
+        mean = self.expected_age(p)
         variance = (p * (self.ages.unsqueeze(0) - mean.unsqueeze(1)) ** 2).sum(dim=1)
         ce = F.cross_entropy(logits, self.target_class(age))
         return ce + self.lambda_mean * 0.5 * ((mean - age.float()) ** 2).mean() + self.lambda_variance * variance.mean()

@@ -139,8 +139,9 @@ def check_data_options(
     check_number(f"{prefix}min_age", min_age, minimum=0)
     check_number(f"{prefix}max_age", max_age, above=float(min_age), why=f" (above {prefix}min_age={min_age})")
     check_number(f"{prefix}age_bin_width", age_bin_width, above=0)
-    if crop_pct is not None:
-        check_number(f"{prefix}crop_pct", crop_pct, above=0, maximum=1)
+    # no null: it reaches the model and every exported graph's preprocessing (1.0 means no margin)
+    check_number(f"{prefix}crop_pct", crop_pct, above=0, maximum=1,
+                 why=" (1.0: the evaluation resize is the input size, no crop margin)")
     return check_splits(splits, f"{prefix}splits")
 
 
@@ -278,7 +279,7 @@ def check_train_config(cfg: Any) -> None:
         min_age=data.get("min_age", 0),
         max_age=data.get("max_age", 100),
         age_bin_width=data.get("age_bin_width", 5),
-        crop_pct=data.get("crop_pct"),
+        crop_pct=data.get("crop_pct", DEFAULT_CROP_PCT),
         min_size=min_image_size(backbone),
         backbone_name=str(backbone_name) if backbone_name else None,
     )

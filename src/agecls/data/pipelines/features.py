@@ -43,7 +43,14 @@ class FeaturePipeline(Pipeline):
         if not o.cache_dir:
             raise ValueError("data.feature_cache=true needs data.cache_dir (paths.cache_dir) to store the features in")
         data_key = cache_key(records, o.cache_side, o.face_margin)
-        key = hashlib.sha1(f"{data_key}|{o.image_size}|{o.crop_pct}|{self.test_on}|{self.weights_key}".encode()).hexdigest()[:20]
+        # which images are in which split (and in which order): the cache holds one array per split,
+        # so another split of the same images (data.split_seed, data.splits, a split file) is another key
+        members = hashlib.sha1()
+        for s in sorted(parts):
+            members.update(f"{s}\n".encode())
+            members.update("".join(f"{path}\n" for path in parts[s]["path"]).encode())
+        key = hashlib.sha1(f"{data_key}|{members.hexdigest()}|{o.image_size}|{o.crop_pct}|{self.test_on}|"
+                           f"{self.weights_key}".encode()).hexdigest()[:20]
         image_sets = self.images.datasets(records, parts)
         views = {s: self.images.eval_view(records, parts[s], ds) for s, ds in image_sets.items()}
         loaders = {s: DataLoader(ds, batch_size=self.batch_size, shuffle=False, num_workers=self.images.workers,
