@@ -21,6 +21,8 @@ Memory (`peak_rss_mb`): the peak, sampled every 50 ms or so, of the anonymous an
 of the stage's process and its workers (Pss_Anon + Pss_Shmem of /proc/<pid>/smaps_rollup: a page
 shared by several processes counted once in all): what the stage holds in RAM outside any memory-
 mapped file. `vmhwm_mb` is the main process's exact peak RSS (VmHWM), file-backed pages included.
+`cpu_seconds`: CPU time of the stage's process and workers, which other load on a shared machine
+changes far less than the wall time; the summary gives the growth of both.
 """
 
 from __future__ import annotations
@@ -391,9 +393,31 @@ def _descendants(root: int) -> list[int]:
     return out
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process, its reaped children and its live descendants."""
+    import resource
+
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        total += r.ru_utime + r.ru_stime
+    for pid in _descendants(os.getpid())[1:]:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
 class PeakMemory:
     """Samples, on a thread, this process tree's anonymous memory (Pss_Anon + Pss_Shmem summed over
-    the process and its descendants) and the main process's RssAnon + RssShmem; keeps the peaks."""
+    the process and its descendants) and the main process's RssAnon + RssShmem; keeps the peaks.
+    `overhead_cpu_s`: the CPU the sampling thread itself took (subtracted from a stage's CPU time)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = float(interval)
@@ -401,6 +425,7 @@ class PeakMemory:
         self.tree_kb = 0.0
         self.main_kb = 0.0
         self.samples = 0
+        self.overhead_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -412,8 +437,9 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             self.sample()
+            self.overhead_cpu_s += time.thread_time() - c0
             # never more than ~10 % of a core on the sampling itself
             self._stop.wait(max(self.interval, 10 * (time.perf_counter() - t0)))
 
@@ -456,9 +482,11 @@ class StageRun:
     @contextmanager
     def measured(self):
         with PeakMemory() as meter:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), tree_cpu_seconds()
             yield
             self.seconds = time.perf_counter() - t0
+            self.cpu_seconds = tree_cpu_seconds() - cpu0
+        self.cpu_seconds -= meter.overhead_cpu_s
         self.meter = meter
 
     def source(self):
@@ -488,7 +516,7 @@ class StageRun:
         out = getattr(self, f"stage_{stage}")()
         m = self.meter
         return {"seconds": self.seconds, "peak_rss_mb": m.tree_kb / 1024, "rss_anon_main_mb": m.main_kb / 1024,
-                "vmhwm_mb": m.vmhwm_kb / 1024, "memory_samples": m.samples,
+                "vmhwm_mb": m.vmhwm_kb / 1024, "memory_samples": m.samples, "cpu_seconds": self.cpu_seconds,
                 "load_avg_1min": os.getloadavg()[0],  # a shared machine: what else ran meanwhile
                 **out}
 
@@ -763,8 +791,12 @@ def growth(table: pd.DataFrame) -> pd.DataFrame:
         g = g.sort_values("n_images")
         lo, hi = g.iloc[0], g.iloc[-1]
         ratio = (hi["seconds"] / hi["n_images"]) / (lo["seconds"] / lo["n_images"]) if len(g) > 1 else np.nan
+        # the same for CPU seconds (process and workers): what other load on a shared machine changes least
+        cpu = np.nan
+        if len(g) > 1 and "cpu_seconds" in g.columns and lo.get("cpu_seconds", 0) > 0:
+            cpu = (hi["cpu_seconds"] / hi["n_images"]) / (lo["cpu_seconds"] / lo["n_images"])
         out.append({"stage": stage, "cache_format": fmt, "n_small": int(lo["n_images"]), "n_large": int(hi["n_images"]),
-                    "growth": ratio, "peak_rss_mb_max": g["peak_rss_mb"].max()})
+                    "growth": ratio, "cpu_growth": cpu, "peak_rss_mb_max": g["peak_rss_mb"].max()})
     return pd.DataFrame(out)
 
 
@@ -772,7 +804,7 @@ def summarize(table: pd.DataFrame) -> str:
     t = table.assign(cache_format=table["cache_format"].fillna(""))
     sizes = sorted(t["n_images"].unique())
     g = growth(t).set_index(["stage", "cache_format"])
-    head = f"{'stage':<12}{'format':<7}" + "".join(f"{f'N={n:,}':>38}" for n in sizes) + f"{'growth':>9}  target"
+    head = f"{'stage':<12}{'format':<7}" + "".join(f"{f'N={n:,}':>38}" for n in sizes) + f"{'growth':>9}  target{'cpu growth':>12}"
     sub = f"{'':<19}" + "".join(f"{'s':>9}{'us/img':>9}{'peak MB':>9}{'B/img':>11}" for _ in sizes)
     lines = ["scale benchmark: seconds, microseconds per image, peak anonymous memory (MB), bytes on disk per image",
              head, sub]
@@ -790,11 +822,14 @@ def summarize(table: pd.DataFrame) -> str:
             line += f"{r['seconds']:>9.2f}{r['seconds'] / n * 1e6:>9.1f}{peak:>9}{r['bytes_on_disk'] / n:>11,.0f}"
         ratio = g.loc[(stage, fmt), "growth"]
         verdict = "" if stage == "generate" or pd.isna(ratio) else ("met" if ratio <= GROWTH_TARGET else "MISSED")
-        line += f"{'-' if pd.isna(ratio) else f'{ratio:.2f}x':>9}  {verdict}"
+        line += f"{'-' if pd.isna(ratio) else f'{ratio:.2f}x':>9}  {verdict:<6}"
+        cpu = g.loc[(stage, fmt), "cpu_growth"]
+        line += f"{'-' if pd.isna(cpu) else f'{cpu:.2f}x':>12}"
         lines.append(line)
     measured = t[t["stage"] != "generate"]
     if len(sizes) > 1:
-        lines.append(f"growth = seconds per image at N={sizes[-1]:,} over N={sizes[0]:,}; target <= {GROWTH_TARGET}x (O(N))")
+        lines.append(f"growth = seconds per image at N={sizes[-1]:,} over N={sizes[0]:,}; target <= {GROWTH_TARGET}x (O(N)); "
+                     "cpu growth: the same for CPU seconds of the stage's processes")
     big = measured[measured["n_images"] == sizes[-1]]
     if len(big):
         top = big.loc[big["peak_rss_mb"].idxmax()]
