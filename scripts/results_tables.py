@@ -127,6 +127,29 @@ def group_rows(metrics: dict, column: str) -> pd.DataFrame:
     return pd.DataFrame(rows).sort_values("images", ascending=False) if rows else pd.DataFrame()
 
 
+def age_adjusted(predictions: Path) -> dict[str, pd.DataFrame] | None:
+    """Per gender and race of UTKFace test predictions: mean age, and the MAE the group's age mix
+    alone would give (each image's decade's MAE over the whole test set), and MAE / that: a ratio
+    above 1 means worse than the ages of the group explain."""
+    from agecls.data.sources import make_source
+
+    p = pd.read_csv(predictions)
+    if not len(p):
+        return None
+    groups = make_source("utkface", str(Path(p["path"].iloc[0]).parent)).load().records[["path", "gender", "race"]]
+    p = p.merge(groups, on="path", how="left")
+    p["error"] = (p["predicted"] - p["age"]).abs()
+    decade = (p["age"] // 10).clip(upper=9)
+    p["expected"] = decade.map(p.groupby(decade)["error"].mean())
+    out = {}
+    for column in ("gender", "race"):
+        g = p.groupby(column).agg(**{"mean age": ("age", "mean"), "MAE from age mix": ("expected", "mean"),
+                                     "_mae": ("error", "mean")}).reset_index()
+        g["MAE / age-mix MAE"] = g["_mae"] / g["MAE from age mix"]
+        out[column] = g.drop(columns="_mae")
+    return out
+
+
 def axes(src: str, dest: str = "docs/results") -> None:
     """The tables of scripts/results_axes.sh's runs: losses, flip TTA, MAE by group."""
     src_dir, dest_dir = Path(src), Path(dest)
@@ -135,11 +158,13 @@ def axes(src: str, dest: str = "docs/results") -> None:
     summary = src_dir / "losses" / "summary.csv"
     if summary.exists():
         s = pd.read_csv(summary)
+        for key in ("loss", "seed"):  # the sweep's own overrides (summary.csv keeps them as text)
+            s[key] = s["overrides"].str.extract(rf"(?:^| ){key}=(\S+)", expand=False)
         failed = s[s["status"] != "ok"]
         s = s[s["status"] == "ok"]
         rows = []
         for loss, g in s.groupby("loss"):
-            row = {"loss": loss, "seeds": len(g), "val MAE": mean_sd(g["val/mae_best"])}
+            row = {"loss": loss, "seeds": ", ".join(g["seed"]), "val MAE": mean_sd(g["val/mae_best"])}
             row.update({v: mean_sd(g[k]) for k, v in METRICS.items()})
             row["trainable params"] = f"{int(g['params/trainable'].iloc[0]):,}"
             row["_order"] = g["test/mae"].mean()
@@ -161,8 +186,11 @@ def axes(src: str, dest: str = "docs/results") -> None:
         # MAE by group of the best checkpoint (lowest MAE with flip), from its evaluation
         best = g.loc[g["mae_flip"].idxmin(), "run"]
         metrics = json.loads((src_dir / "tta" / best / "flip" / "metrics.json").read_text())
+        adjusted = age_adjusted(src_dir / "tta" / best / "flip" / "predictions.csv")
         for column in ("gender", "race"):
             frame = group_rows(metrics, column)
+            if len(frame) and adjusted is not None:
+                frame = frame.merge(adjusted[column], on=column, how="left")
             if len(frame):
                 out += [f"### MAE by {column}: {best} (tta=flip)", "", fmt(frame), ""]
                 frame.to_csv(dest_dir / f"mae_by_{column}.csv", index=False)
