@@ -138,7 +138,7 @@ EOF
 
 if [ "$MODE" = gpu ]; then
     BENCH=(data.image_size=224 data.batch_size=256 precision=bf16 channels_last=true device=cuda
-           data.num_workers="$W" fast_workers=4 batches=10 rounds=3 warmup=3 max_images=4096)
+           data.num_workers="$W" data.cache_num_workers=4 batches=10 rounds=3 warmup=3 max_images=4096)
     BENCH_CAP=(75 55 75 55)          # seconds: resnet18 raw, jpeg, efficientnet_lite0 raw, jpeg
     DECODE=(n=2048 image_size=224 device=cuda)
     DECODE_CAP=45
@@ -147,7 +147,7 @@ if [ "$MODE" = gpu ]; then
     TRAIN_MIN=150                    # seconds kept for training while the benchmarks run
 else
     BENCH=(data.image_size=64 data.batch_size=4 precision=32 channels_last=true device=cpu
-           data.num_workers=1 fast_workers=0 batches=1 rounds=1 warmup=1 max_images=16
+           data.num_workers=1 batches=1 rounds=1 warmup=1 max_images=16
            data.augment.compile=false)
     BENCH_CAP=(120 120 120 120)
     DECODE=(n=64 image_size=64 device=cpu)

@@ -135,6 +135,9 @@ class Bench:
         self.cache_s_per_1000 = float(self.cache.meta.get("seconds_per_1000", built_now / len(train) * 1000))
         self.cache_bytes_per_image = _cache_bytes(self.cache.directory) / len(train)
         self.batch_aug = self.fast_pipeline.augment
+        # the fast path's DataLoader workers: fast_workers, else the pipeline's own (raw: it only
+        # gathers rows, data.cache_num_workers; jpeg: it decodes, data.num_workers)
+        self.fast_workers = int(cfg.fast_workers) if cfg.get("fast_workers") is not None else self.fast_pipeline.workers
         self.hardware = hardware_name(self.device)
         log.info("Benchmark on %s: %s, %d px, batch %d, %d images (%s cache: %.1f s per 1,000 images, %.1f KB per image)",
                  self.hardware, cfg.backbone.name, self.size, self.bs, len(train), self.cache_format,
@@ -202,7 +205,7 @@ class Bench:
         elif source == "naive":
             batches = self._batches(self.loader(self.naive, int(self.cfg.data.num_workers)), warmup + n)
         else:
-            batches = self._batches(self.loader(self.fast, int(self.cfg.fast_workers)), warmup + n)
+            batches = self._batches(self.loader(self.fast, self.fast_workers), warmup + n)
         t0 = None
         for k, batch in enumerate(batches):
             if k == warmup:
@@ -223,7 +226,7 @@ class Bench:
     def time_load(self, source: str) -> dict[str, Any]:
         """Delivery rate of a pipeline without the model, and the host CPU it costs per image."""
         dataset = self.naive if source == "naive" else self.fast
-        workers = int(self.cfg.data.num_workers) if source == "naive" else int(self.cfg.fast_workers)
+        workers = int(self.cfg.data.num_workers) if source == "naive" else self.fast_workers
         loader = self.loader(dataset, workers)
         warmup, n = int(self.cfg.warmup), int(self.cfg.batches)
         it = iter(loader)
@@ -274,7 +277,7 @@ class Bench:
                 {"mode": "train_frozen", **self.time_train("fast", freeze=True)}]
         # the head trained on features computed once (augmentation off: evaluation views)
         module, opt = self.model(freeze=True)
-        loader = self.loader(self.fast, int(self.cfg.fast_workers), shuffle=False)
+        loader = self.loader(self.fast, self.fast_workers, shuffle=False)
         t0 = time.perf_counter()
         feats = []
         with torch.inference_mode(), self.autocast:
@@ -339,7 +342,7 @@ class Bench:
             "backbone": self.cfg.backbone.name, "image_size": self.size, "batch_size": self.bs,
             "device": self.hardware, "precision": str(self.cfg.precision), "channels_last": bool(self.cfg.channels_last),
             "compile": bool(self.cfg.compile), "freeze": str(self.cfg.freeze).lower(),
-            "workers_naive": int(self.cfg.data.num_workers), "workers_fast": int(self.cfg.fast_workers),
+            "workers_naive": int(self.cfg.data.num_workers), "workers_fast": self.fast_workers,
             "cache_s_per_1000": round(self.cache_s_per_1000, 2), "cache_format": self.cache_format,
             "cache_bytes_per_image": round(self.cache_bytes_per_image), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
