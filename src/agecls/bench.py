@@ -48,6 +48,7 @@ from agecls.data.pipelines import Pipeline
 from agecls.data.samplers import EpochSampler
 from agecls.models.module import AgeRegressor
 from agecls.utils.hydra_utils import config_dir, to_dict
+from agecls.utils.malloc import keep_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -382,6 +383,7 @@ def write_csv(table: pd.DataFrame, output: Path, append: bool) -> Path:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> pd.DataFrame:
+    keep_freed_memory(bool(cfg.get("tune_malloc", True)))
     if cfg.suite == "scale":  # generates its own data sets: agecls.bench_scale
         from agecls.bench_scale import run_scale_suite
 

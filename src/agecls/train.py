@@ -34,6 +34,7 @@ from agecls.utils.hydra_utils import (
     progress_bar_enabled,
     train_summary,
 )
+from agecls.utils.malloc import keep_freed_memory
 from agecls.utils.quiet import quiet_third_party
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit, test the best checkpoint, write the run's outputs; return every logged metric."""
     check_train_config(cfg)  # bad values fail here, before any model, data or indexing work
     quiet_third_party()
+    keep_freed_memory(bool(cfg.get("tune_malloc", True)))
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rank_zero_only(provenance.write)(output_dir)
