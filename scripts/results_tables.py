@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -150,8 +151,87 @@ def age_adjusted(predictions: Path) -> dict[str, pd.DataFrame] | None:
     return out
 
 
+def val_curve(run: Path) -> pd.DataFrame:
+    """Validation MAE after each epoch of a run, with the minutes since the run started (its
+    train.log's first line) at which TensorBoard recorded it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = (run / "train.log").read_text().split("\n", 1)[0]
+    start = datetime.strptime(first[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # logging's local time
+    rows = []
+    for events in sorted(run.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "val/mae" in acc.Tags()["scalars"]:
+            rows += [{"val MAE": e.value, "minutes": (e.wall_time - start) / 60} for e in acc.Scalars("val/mae")]
+    frame = pd.DataFrame(rows).sort_values("minutes").reset_index(drop=True)
+    frame.insert(0, "epoch", frame.index + 1)
+    return frame
+
+
+def backbones(src_dir: Path, dest_dir: Path) -> list[str]:
+    """scripts/results_axes.sh section 3: a table per run and one figure, validation MAE against
+    epoch and against wall-clock minutes (frozen dashed, unfrozen solid)."""
+    runs = sorted(p for p in (src_dir / "backbones").glob("*_*") if (p / "metrics.json").exists())
+    if not runs:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = {"lite0": "Lite0", "lite1": "Lite1", "lite2": "Lite2", "scratch": "Lite0, random init"}
+    colours = {"lite0": "tab:blue", "lite1": "tab:orange", "lite2": "tab:green", "scratch": "tab:grey"}
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    rows, curves = [], []
+    for run in runs:
+        net, mode = run.name.rsplit("_", 1)
+        m = load(run)
+        curve = val_curve(run)
+        curves.append(curve.assign(backbone=names[net], freeze=mode))
+        best = curve.loc[curve["val MAE"].idxmin()]
+        rows.append({"backbone": names[net], "freeze": mode, "trainable params": f"{m['params/trainable']:,}",
+                     "epochs": len(curve), "val MAE epoch 1": curve["val MAE"].iloc[0],
+                     "minutes to epoch 1": curve["minutes"].iloc[0],
+                     "best val MAE": best["val MAE"], "minutes to best": best["minutes"],
+                     "min / epoch": (curve["minutes"].iloc[-1] - curve["minutes"].iloc[0]) / max(len(curve) - 1, 1)
+                     if len(curve) > 1 else curve["minutes"].iloc[0],
+                     "test MAE": m["test/mae"], "Pearson": m["test/pearson"]})
+        style = {"color": colours[net], "linestyle": "-" if mode == "unfrozen" else "--", "marker": "o",
+                 "markersize": 3, "label": f"{names[net]}, {mode}"}
+        by_epoch.plot(curve["epoch"], curve["val MAE"], **style)
+        by_time.plot(curve["minutes"], curve["val MAE"], **style)
+    by_epoch.set(xscale="log", xlabel="epoch", ylabel="validation MAE (years)")
+    by_time.set(xscale="log", xlabel="minutes since the run started (2 CPU cores, each run alone)")
+    for ax in (by_epoch, by_time):
+        ax.grid(alpha=0.3, which="both")
+    by_epoch.legend(fontsize=8)
+    fig.suptitle("Backbones at 128 px: validation MAE per epoch (frozen: head on cached features)")
+    fig.tight_layout()
+    fig.savefig(dest_dir / "backbones_val_mae.png", dpi=90)
+    plt.close(fig)
+    table = pd.DataFrame(rows)
+    table.to_csv(dest_dir / "backbones.csv", index=False)
+    pd.concat(curves).to_csv(dest_dir / "backbones_curves.csv", index=False)
+    return ["### Backbones (128 px, crop 0.875, seed 42; unfrozen 3 epochs, frozen 30 head epochs on cached features)",
+            "", fmt(table), "", "![validation MAE against epoch and wall-clock](results/backbones_val_mae.png)", ""]
+
+
+def unfrozen_losses(src_dir: Path, dest_dir: Path) -> list[str]:
+    """scripts/results_axes.sh section 4: the frozen ranking's best three losses unfrozen, beside l1."""
+    runs = [("l1", src_dir / "backbones" / "lite0_unfrozen")]
+    runs += [(p.name, p) for p in sorted((src_dir / "losses_unfrozen").glob("*")) if (p / "metrics.json").exists()]
+    rows = [{"loss": loss, "val MAE": load(p)["val/mae_best"], **{v: load(p).get(k) for k, v in METRICS.items()},
+             "trainable params": f"{load(p)['params/trainable']:,}"} for loss, p in runs if (p / "metrics.json").exists()]
+    if len(rows) < 2:
+        return []
+    table = pd.DataFrame(rows).sort_values("MAE")
+    table.to_csv(dest_dir / "losses_unfrozen.csv", index=False)
+    return ["### Losses unfrozen (EfficientNet-Lite0, 128 px, 3 epochs, seed 42)", "", fmt(table), ""]
+
+
 def axes(src: str, dest: str = "docs/results") -> None:
-    """The tables of scripts/results_axes.sh's runs: losses, flip TTA, MAE by group."""
+    """The tables of scripts/results_axes.sh's runs: losses, flip TTA, MAE by group, backbones."""
     src_dir, dest_dir = Path(src), Path(dest)
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = []
@@ -194,6 +274,8 @@ def axes(src: str, dest: str = "docs/results") -> None:
             if len(frame):
                 out += [f"### MAE by {column}: {best} (tta=flip)", "", fmt(frame), ""]
                 frame.to_csv(dest_dir / f"mae_by_{column}.csv", index=False)
+    out += unfrozen_losses(src_dir, dest_dir)
+    out += backbones(src_dir, dest_dir)
     text = "\n".join(out)
     (dest_dir / "axes.md").write_text(text)
     print(text)

@@ -48,7 +48,7 @@ from agecls.data.pipelines import Pipeline
 from agecls.data.samplers import EpochSampler
 from agecls.models.module import AgeRegressor
 from agecls.utils.hydra_utils import config_dir, to_dict
-from agecls.utils.malloc import keep_freed_memory
+from agecls.utils.malloc import keep_freed_memory, malloc_tuned
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class Bench:
         common = {
             "backbone": self.cfg.backbone.name, "image_size": self.size, "batch_size": self.bs,
             "device": self.hardware, "precision": str(self.cfg.precision), "channels_last": bool(self.cfg.channels_last),
-            "compile": bool(self.cfg.compile), "freeze": str(self.cfg.freeze).lower(),
+            "compile": bool(self.cfg.compile), "freeze": str(self.cfg.freeze).lower(), "tune_malloc": malloc_tuned(),
             "workers_naive": int(self.cfg.data.num_workers), "workers_fast": self.fast_workers,
             "cache_s_per_1000": round(self.cache_s_per_1000, 2), "cache_format": self.cache_format,
             "cache_bytes_per_image": round(self.cache_bytes_per_image), "torch": torch.__version__,

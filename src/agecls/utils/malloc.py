@@ -56,3 +56,8 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     if _done:
         log.debug("glibc malloc: freed buffers kept for reuse (agecls.utils.malloc)")
     return _done
+
+
+def malloc_tuned() -> bool:
+    """Whether this process's malloc was set by keep_freed_memory (recorded beside benchmark rows)."""
+    return _done
