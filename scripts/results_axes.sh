@@ -48,3 +48,6 @@ for loss in ce dldl_v2 dldl; do
     run "losses_unfrozen/$loss" experiment=utkface_unfrozen loss=$loss seed=42
 done
 run backbones/scratch_unfrozen experiment=utkface_scratch seed=42
+
+# 5. the best recipe found on this CPU within 45 minutes (conf/experiment/utkface_best.yaml)
+run best/best_s42 experiment=utkface_best seed=42
