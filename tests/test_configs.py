@@ -102,3 +102,19 @@ def test_results_experiments_share_one_split_and_differ_only_where_they_say(make
     assert scratch.pretrained is False and unfrozen.pretrained is True
     assert unfrozen.backbone.name == frozen.backbone.name == "tf_efficientnet_lite0"
     assert unfrozen.head.name == "small"
+
+
+def test_best_recipe_is_the_unfrozen_run_with_its_four_levers_and_nothing_else(make_cfg) -> None:
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_container(make_cfg("experiment=utkface_unfrozen", tiny=False), resolve=True)
+    best = OmegaConf.to_container(make_cfg("experiment=utkface_best", tiny=False), resolve=True)
+    assert best["loss"]["_target_"] == "agecls.models.losses.DLDLv2Loss" and base["loss"]["_target_"].endswith(".L1AgeLoss")
+    assert (best["trainer"]["max_epochs"], best["tta"]) == (9, "flip")
+    assert best["data"]["augment"]["rotation"] is None and base["data"]["augment"]["rotation"]
+    assert best["data"]["split_seed"] == base["data"]["split_seed"] == 42  # the results' one split
+    # everything else (backbone, head, optimizer, schedule, image size, batch) is the unfrozen run's
+    for key in ("backbone", "head", "optimizer", "scheduler", "lr", "freeze", "pretrained", "seed"):
+        assert best[key] == base[key], key
+    for key in ("image_size", "batch_size", "crop_pct", "root"):
+        assert best["data"][key] == base["data"][key], key
