@@ -182,7 +182,7 @@ def backbones(src_dir: Path, dest_dir: Path) -> list[str]:
 
     names = {"lite0": "Lite0", "lite1": "Lite1", "lite2": "Lite2", "scratch": "Lite0, random init"}
     colours = {"lite0": "tab:blue", "lite1": "tab:orange", "lite2": "tab:green", "scratch": "tab:grey"}
-    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 5), sharey=True)
     rows, curves = [], []
     for run in runs:
         net, mode = run.name.rsplit("_", 1)
@@ -202,12 +202,16 @@ def backbones(src_dir: Path, dest_dir: Path) -> list[str]:
         by_epoch.plot(curve["epoch"], curve["val MAE"], **style)
         by_time.plot(curve["minutes"], curve["val MAE"], **style)
     by_epoch.set(xscale="log", xlabel="epoch", ylabel="validation MAE (years)")
-    by_time.set(xscale="log", xlabel="minutes since the run started (2 CPU cores, each run alone)")
-    for ax in (by_epoch, by_time):
+    by_time.set(xscale="log", xlabel="minutes since the run started (2 CPU cores)")
+    from matplotlib.ticker import NullFormatter
+
+    for ax, ticks in ((by_epoch, [1, 2, 3, 5, 10, 20, 30]), (by_time, [1, 2, 3, 5, 10, 20, 40])):
         ax.grid(alpha=0.3, which="both")
-    by_epoch.legend(fontsize=8)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    fig.legend(*by_epoch.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
     fig.suptitle("Backbones at 128 px: validation MAE per epoch (frozen: head on cached features)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(dest_dir / "backbones_val_mae.png", dpi=90)
     plt.close(fig)
     table = pd.DataFrame(rows)

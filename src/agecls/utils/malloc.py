@@ -6,11 +6,11 @@ glibc serves each buffer over its (dynamic) mmap threshold with a fresh `mmap` a
 pages and the kernel zero-fills them again. On the 2-core machine this showed as 150,000 minor page
 faults a second and 15-25 % system time during an EfficientNet-Lite0 epoch. Raising the mmap and
 trim thresholds lets freed buffers be reused from the heap: `python -m agecls.bench
-backbone=efficientnet_lite0 "modes=[train_fast]" tune_malloc=false|true` measured 52 against 65
-images/s, system time 24 against 8 s, minor faults 7.1M against 0.9M (benchmarks/README.md).
+backbone=efficientnet_lite0 "modes=[train_fast]" tune_malloc=false|true` measured 54.6 against
+67.6 images/s, system time 22.8 against 6.0 s, minor faults 7.0M against 0.86M (benchmarks/README.md).
 
-The cost is memory: the process keeps its peak heap instead of returning it (measured +0.4 GB of
-peak RSS at batch 64, 128 px). `tune_malloc=false` turns it off; so does setting any of glibc's own
+The cost is memory: the process keeps its peak heap instead of returning it (measured +164 MiB of
+peak RSS at batch 64, 128 px: 3,426 against 3,262 MiB). `tune_malloc=false` turns it off; so does setting any of glibc's own
 `MALLOC_*_` tunables in the environment (the user's choice wins), and it does nothing where the C
 library is not glibc (macOS, musl) or under another allocator preloaded (jemalloc, tcmalloc).
 DataLoader workers forked afterwards inherit the setting.
