@@ -51,3 +51,5 @@ run backbones/scratch_unfrozen experiment=utkface_scratch seed=42
 
 # 5. the best recipe found on this CPU within 45 minutes (conf/experiment/utkface_best.yaml)
 run best/best_s42 experiment=utkface_best seed=42
+# and the same recipe with plain DLDL, the best loss of section 4 (unfrozen, one seed)
+run best/best_dldl_s42 experiment=utkface_best loss=dldl seed=42
