@@ -234,6 +234,17 @@ def unfrozen_losses(src_dir: Path, dest_dir: Path) -> list[str]:
     return ["### Losses unfrozen (EfficientNet-Lite0, 128 px, 3 epochs, seed 42)", "", fmt(table), ""]
 
 
+def loss_name(run: Path) -> str:
+    """The `loss=` option a run trained with: its hparams' loss target matched to conf/loss/*.yaml."""
+    import yaml
+
+    target = (yaml.safe_load((run / "hparams.yaml").read_text()).get("loss") or {}).get("_target_")
+    for option in sorted((Path(__file__).resolve().parents[1] / "conf" / "loss").glob("*.yaml")):
+        if (yaml.safe_load(option.read_text()) or {}).get("_target_") == target:
+            return option.stem
+    return str(target)
+
+
 def best_recipe(src_dir: Path, dest_dir: Path) -> list[str]:
     """scripts/results_axes.sh section 5: the best recipe's runs against issue 13's targets."""
     times = {}
@@ -245,7 +256,7 @@ def best_recipe(src_dir: Path, dest_dir: Path) -> list[str]:
         if not (run / "metrics.json").exists():
             continue
         m = load(run)
-        rows.append({"run": run.name, "tta": m.get("tta", "none"), **{v: m.get(k) for k, v in METRICS.items()},
+        rows.append({"run": run.name, "loss": loss_name(run), "tta": m.get("tta", "none"), **{v: m.get(k) for k, v in METRICS.items()},
                      "val MAE": m["val/mae_best"], "epochs": m["epochs"],
                      "fit + test min": (m["time/fit_s"] + m.get("time/test_s", 0.0)) / 60,
                      "wall min": minutes(times, f"best/{run.name}"),
@@ -256,8 +267,8 @@ def best_recipe(src_dir: Path, dest_dir: Path) -> list[str]:
         return []
     table = pd.DataFrame(rows)
     table.to_csv(dest_dir / "best_recipe.csv", index=False)
-    return ["### The best recipe (experiment=utkface_best: unfrozen Lite0, 128 px, light augmentation, DLDL-v2, "
-            "9 one-cycle epochs, flip TTA)", "", fmt(table), ""]
+    return ["### The best recipe (experiment=utkface_best: unfrozen Lite0, 128 px, light augmentation, DLDL-v2 "
+            "unless `loss` says otherwise, 9 one-cycle epochs, flip TTA)", "", fmt(table), ""]
 
 
 def axes(src: str, dest: str = "docs/results") -> None:
