@@ -43,9 +43,15 @@ for net in lite0 lite1 lite2; do
 done
 run backbones/scratch_frozen experiment=utkface_frozen pretrained=false seed=42
 
-# 4. the three best losses of section 1 unfrozen: Lite0, 3 epochs, seed 42 (l1: backbones/lite0_unfrozen)
+# 4. the three best losses of section 1 unfrozen: Lite0, 3 epochs, seeds 42, 1, 2 (l1 at seed 42:
+#    backbones/lite0_unfrozen, the same command with the default loss)
 for loss in ce dldl_v2 dldl; do
     run "losses_unfrozen/$loss" experiment=utkface_unfrozen loss=$loss seed=42
+done
+for seed in 1 2; do
+    for loss in l1 ce dldl_v2 dldl; do
+        run "losses_unfrozen/${loss}_s$seed" experiment=utkface_unfrozen loss=$loss seed=$seed
+    done
 done
 run backbones/scratch_unfrozen experiment=utkface_scratch seed=42
 

@@ -222,16 +222,31 @@ def backbones(src_dir: Path, dest_dir: Path) -> list[str]:
 
 
 def unfrozen_losses(src_dir: Path, dest_dir: Path) -> list[str]:
-    """scripts/results_axes.sh section 4: the frozen ranking's best three losses unfrozen, beside l1."""
-    runs = [("l1", src_dir / "backbones" / "lite0_unfrozen")]
-    runs += [(p.name, p) for p in sorted((src_dir / "losses_unfrozen").glob("*")) if (p / "metrics.json").exists()]
-    rows = [{"loss": loss, "val MAE": load(p)["val/mae_best"], **{v: load(p).get(k) for k, v in METRICS.items()},
-             "trainable params": f"{load(p)['params/trainable']:,}"} for loss, p in runs if (p / "metrics.json").exists()]
-    if len(rows) < 2:
+    """scripts/results_axes.sh section 4: the frozen ranking's best three losses unfrozen, beside l1,
+    mean ± sd over the seeds there are (losses_unfrozen/LOSS is seed 42, LOSS_sN seed N)."""
+    runs = [("l1", "42", src_dir / "backbones" / "lite0_unfrozen")]
+    for p in sorted((src_dir / "losses_unfrozen").glob("*")):
+        name, _, seed = p.name.rpartition("_s")
+        runs.append((name, seed, p) if name and seed.isdigit() else (p.name, "42", p))
+    rows = [{"loss": loss, "seed": seed, "val MAE": load(p)["val/mae_best"],
+             **{v: load(p).get(k) for k, v in METRICS.items()}, "trainable params": f"{load(p)['params/trainable']:,}"}
+            for loss, seed, p in runs if (p / "metrics.json").exists()]
+    if len({row["loss"] for row in rows}) < 2:
         return []
-    table = pd.DataFrame(rows).sort_values("MAE")
+    per_seed = pd.DataFrame(rows)
+    per_seed.to_csv(dest_dir / "losses_unfrozen_runs.csv", index=False)
+    table = []
+    for loss, g in per_seed.groupby("loss"):
+        row = {"loss": loss, "seeds": ", ".join(g["seed"]), "val MAE": mean_sd(g["val MAE"])}
+        row.update({v: mean_sd(g[v]) for v in METRICS.values()})
+        row["trainable params"] = g["trainable params"].iloc[0]
+        row["_order"] = g["MAE"].mean()
+        table.append(row)
+    table = pd.DataFrame(table).sort_values("_order").drop(columns="_order")
     table.to_csv(dest_dir / "losses_unfrozen.csv", index=False)
-    return ["### Losses unfrozen (EfficientNet-Lite0, 128 px, 3 epochs, seed 42)", "", fmt(table), ""]
+    seeds = sorted(set(per_seed["seed"]), key=lambda s: (s != "42", int(s)))
+    return [f"### Losses unfrozen (EfficientNet-Lite0, 128 px, 3 epochs; mean ± sd over seeds {', '.join(seeds)})",
+            "", fmt(table), ""]
 
 
 def loss_name(run: Path) -> str:
