@@ -276,6 +276,8 @@ def best_recipe(src_dir: Path, dest_dir: Path) -> list[str]:
                      "fit + test min": (m["time/fit_s"] + m.get("time/test_s", 0.0)) / 60,
                      "wall min": minutes(times, f"best/{run.name}"),
                      "MAE <= 4.9": m["test/mae"] <= 4.9, "Pearson >= 0.93": m["test/pearson"] >= 0.93})
+        wall = times.get(f"best/{run.name}")
+        rows[-1]["wall <= 45 min"] = "" if wall is None else wall / 60 <= 45
         if (run / "scatter.png").exists():
             shutil.copy(run / "scatter.png", dest_dir / f"scatter_{run.name}.png")
     if not rows:
