@@ -2,7 +2,7 @@
 # The runs behind docs/results.md's "axes" sections (losses frozen and unfrozen, test-time
 # augmentation, backbones), on the real UTKFace folder, through agecls's own commands and committed
 # experiment configs. Done runs are skipped, so an interrupted script picks up where it stopped.
-# On 2 CPU cores: losses frozen ~30 min, backbones ~60 min, unfrozen losses ~40 min.
+# On 2 CPU cores: losses frozen ~30 min, backbones ~60 min, unfrozen losses ~2.5 h, best recipe ~40 min a run.
 #   AGECLS_UTKFACE_DIR=/path/to/utkface bash scripts/results_axes.sh [OUT] [CKPT...]
 # OUT defaults to outputs/axes. CKPT...: checkpoints to measure flip TTA on (e.g. the best
 # checkpoints of scripts/results.sh's runs). Then: python scripts/results_tables.py --axes OUT

@@ -120,6 +120,19 @@ def mean_sd(values: pd.Series) -> str:
     return f"{values.mean():.3f} ± {values.std(ddof=1):.3f}" if len(values) > 1 else f"{values.mean():.3f}"
 
 
+def by_loss(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per loss from one row per run (columns loss, seed, val MAE, METRICS' names, trainable
+    params): mean ± sd over its seeds, best test MAE first."""
+    rows = []
+    for loss, g in runs.groupby("loss"):
+        row = {"loss": loss, "seeds": ", ".join(g["seed"].astype(str)), "val MAE": mean_sd(g["val MAE"])}
+        row.update({v: mean_sd(g[v]) for v in METRICS.values()})
+        row["trainable params"] = f"{int(g['trainable params'].iloc[0]):,}"
+        row["_order"] = g["MAE"].mean()
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("_order").drop(columns="_order")
+
+
 def group_rows(metrics: dict, column: str) -> pd.DataFrame:
     """MAE and count per group of `column` (gender, race) from a metrics.json."""
     prefix = f"test/mae_by_{column}/"
@@ -228,21 +241,17 @@ def unfrozen_losses(src_dir: Path, dest_dir: Path) -> list[str]:
     for p in sorted((src_dir / "losses_unfrozen").glob("*")):
         name, _, seed = p.name.rpartition("_s")
         runs.append((name, seed, p) if name and seed.isdigit() else (p.name, "42", p))
-    rows = [{"loss": loss, "seed": seed, "val MAE": load(p)["val/mae_best"],
-             **{v: load(p).get(k) for k, v in METRICS.items()}, "trainable params": f"{load(p)['params/trainable']:,}"}
-            for loss, seed, p in runs if (p / "metrics.json").exists()]
+    rows = []
+    for loss, seed, p in runs:
+        if (p / "metrics.json").exists():
+            m = load(p)
+            rows.append({"loss": loss, "seed": seed, "val MAE": m["val/mae_best"],
+                         **{v: m.get(k) for k, v in METRICS.items()}, "trainable params": m["params/trainable"]})
     if len({row["loss"] for row in rows}) < 2:
         return []
     per_seed = pd.DataFrame(rows)
     per_seed.to_csv(dest_dir / "losses_unfrozen_runs.csv", index=False)
-    table = []
-    for loss, g in per_seed.groupby("loss"):
-        row = {"loss": loss, "seeds": ", ".join(g["seed"]), "val MAE": mean_sd(g["val MAE"])}
-        row.update({v: mean_sd(g[v]) for v in METRICS.values()})
-        row["trainable params"] = g["trainable params"].iloc[0]
-        row["_order"] = g["MAE"].mean()
-        table.append(row)
-    table = pd.DataFrame(table).sort_values("_order").drop(columns="_order")
+    table = by_loss(per_seed)
     table.to_csv(dest_dir / "losses_unfrozen.csv", index=False)
     seeds = sorted(set(per_seed["seed"]), key=lambda s: (s != "42", int(s)))
     return [f"### Losses unfrozen (EfficientNet-Lite0, 128 px, 3 epochs; mean ± sd over seeds {', '.join(seeds)})",
@@ -300,14 +309,7 @@ def axes(src: str, dest: str = "docs/results") -> None:
             s[key] = s["overrides"].str.extract(rf"(?:^| ){key}=(\S+)", expand=False)
         failed = s[s["status"] != "ok"]
         s = s[s["status"] == "ok"]
-        rows = []
-        for loss, g in s.groupby("loss"):
-            row = {"loss": loss, "seeds": ", ".join(g["seed"]), "val MAE": mean_sd(g["val/mae_best"])}
-            row.update({v: mean_sd(g[k]) for k, v in METRICS.items()})
-            row["trainable params"] = f"{int(g['params/trainable'].iloc[0]):,}"
-            row["_order"] = g["test/mae"].mean()
-            rows.append(row)
-        table = pd.DataFrame(rows).sort_values("_order").drop(columns="_order")
+        table = by_loss(s.rename(columns={"val/mae_best": "val MAE", "params/trainable": "trainable params", **METRICS}))
         out += ["### Losses (frozen EfficientNet-Lite0, head on cached features, 10 epochs; mean ± sd over seeds 42, 1, 2)",
                 "", fmt(table), ""]
         if len(failed):
