@@ -5,12 +5,16 @@ every epoch: running it 50 times is waste. The features of every split are compu
 GPU when there is one), cached under `<cache_dir>/features/<key>/`, and the head trains on them:
 an epoch then costs a few matrix products. The key covers the data set's content, the image
 preprocessing and the backbone's weights, so any change computes them again.
+
+Like the preprocessing caches (issue 18), each split's array is written front to back with its
+size and per-block crc32 sealed into meta.json, after checking the free space; every reuse checks
+them (data.verify=stat|full, agecls.utils.files.open_cache) and computes the features again,
+with a warning naming the file, when they fail.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +23,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from agecls.utils.files import building
+from agecls.data.index import check_verify
+from agecls.utils.files import (
+    BlockWriter,
+    CacheDamaged,
+    building,
+    check_free_space,
+    open_cache,
+    reuse_checked,
+    seal_cache,
+)
 from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -58,18 +71,44 @@ def compute_features(extract: Callable[[torch.Tensor], torch.Tensor], loader: Da
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 
 
+FEATURE_VERSION = 2  # 2: files checksummed in meta.json
+
+
+def load_checked(folder: Path, names: list[str], verify: str | None, key: str) -> dict[str, np.ndarray]:
+    """The arrays `names` of the feature cache in `folder`, after open_cache's checks; CacheDamaged."""
+    meta = open_cache(folder, [f"{name}.npy" for name in names], {"version": FEATURE_VERSION, "key": key}, verify)
+    out = {}
+    for name in names:
+        try:
+            out[name] = np.load(folder / f"{name}.npy", allow_pickle=False)
+        except ValueError as err:
+            raise CacheDamaged(f"{folder / f'{name}.npy'} is not a readable array: {err}") from err
+        if list(out[name].shape) != meta["splits"].get(name):
+            raise CacheDamaged(f"{folder / f'{name}.npy'} holds {out[name].shape}, meta.json says {meta['splits'].get(name)}")
+    return out
+
+
 def build_or_load(key: str, cache_dir: str | Path, loaders: dict[str, DataLoader],
-                  extract: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> dict[str, np.ndarray]:
+                  extract: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                  verify: str = "stat") -> dict[str, np.ndarray]:
     """Features of each split in `loaders` (evaluation views, in dataset order), cached by `key`."""
+    check_verify(verify)
     final = Path(cache_dir) / "features" / key
-    if (final / "meta.json").exists():
-        log.info("Feature cache %s (reused)", final)
-        return {name: np.load(final / f"{name}.npy") for name in loaders}
+    names = list(loaders)
+    cached = reuse_checked(final, "feature cache", lambda d: load_checked(d, names, verify, key))
+    if cached is not None:
+        log.info("Feature cache %s (reused, verify=%s)", final, verify)
+        return cached
     result = {}
     with building(final) as tmp:  # renamed when complete; removed on any failure
+        files = {}
         for name, loader in loaders.items():
             result[name] = compute_features(extract, loader, device, f"Backbone features ({name})")
-            np.save(tmp / f"{name}.npy", result[name])
-        (tmp / "meta.json").write_text(json.dumps({"key": key, "splits": {k: list(v.shape) for k, v in result.items()}}))
+            check_free_space(tmp, result[name].nbytes + 4096, f"backbone features of the {name} split")
+            with BlockWriter(tmp / f"{name}.npy") as out:
+                np.lib.format.write_array(out, np.ascontiguousarray(result[name]), allow_pickle=False)
+            files[f"{name}.npy"] = out.record
+        seal_cache(tmp, {"version": FEATURE_VERSION, "key": key,
+                         "splits": {k: list(v.shape) for k, v in result.items()}}, files)
     log.info("Computed backbone features once for %s into %s", ", ".join(f"{k}: {len(v)}" for k, v in result.items()), final)
     return result

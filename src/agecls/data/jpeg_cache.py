@@ -14,16 +14,19 @@ JPEG at quality 95, about 10-20x smaller, and decodes batches again when they ar
   (B, 3, side, side) images as with the raw cache, so the device-side augmentation is unchanged.
 
 Keyed like the raw cache (`pixel_cache.cache_key`) plus the format and quality, built under
-`agecls.utils.files.building` (a temporary folder renamed only when complete).
+`agecls.utils.files.building` (a temporary folder renamed only when complete), and checked like
+it (issue 18): both files are written front to back by `agecls.utils.files.BlockWriter`, their
+sizes and per-block crc32 sealed into meta.json; every reuse checks them (data.verify=stat|full,
+agecls.utils.files.open_cache) and the offset table against the bytes, and rebuilds a cache that
+fails, with a warning naming the file. The free space is checked once the first chunk shows how
+large the JPEGs come out (and a full disk during the build is an error naming it).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +36,26 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
+from agecls.data.index import check_verify
 from agecls.data.pixel_cache import (
     CACHE_VERSION,
+    SPACE_HINT,
     _identity,
     cache_key,
+    in_order,
     preprocess,
     preprocess_items,
 )
 from agecls.data.samplers import decode
-from agecls.utils.files import building
+from agecls.utils.files import (
+    BlockWriter,
+    CacheDamaged,
+    building,
+    check_free_space,
+    open_cache,
+    reuse_checked,
+    seal_cache,
+)
 from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -104,13 +118,28 @@ def _encode(args: tuple[list[tuple[int, str, Any, Any]], int, float, int]) -> li
 
 
 class JpegCache:
-    """A built jpeg cache: `offsets` (N + 1,) and the memory-mapped bytes; `side`, `n`, `nbytes`."""
+    """A built jpeg cache: `offsets` (N + 1,) and the memory-mapped bytes; `side`, `n`, `nbytes`.
 
-    def __init__(self, directory: Path) -> None:
+    Opening checks it (agecls.utils.files.open_cache; `verify` and `expect` as for PixelCache) and
+    that the offset table fits the bytes; CacheDamaged when anything fails."""
+
+    FILES = ("images.bin", "offsets.npy")
+
+    def __init__(self, directory: Path, verify: str | None = "stat", expect: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
-        self.meta = json.loads((self.directory / "meta.json").read_text())
+        self.meta = open_cache(self.directory, self.FILES, {"version": CACHE_VERSION, "format": "jpeg",
+                                                            "key": self.directory.name, **(expect or {})}, verify)
         self.side = int(self.meta["side"])
-        self.offsets = np.load(self.directory / "offsets.npy")
+        where = self.directory / "offsets.npy"
+        try:
+            self.offsets = np.load(where, allow_pickle=False)
+        except ValueError as err:
+            raise CacheDamaged(f"{where} is not a readable array: {err}") from err
+        n, size = int(self.meta["n"]), self.meta["files"]["images.bin"]["size"]
+        off = self.offsets
+        if (off.dtype != np.int64 or off.shape != (n + 1,) or off[0] != 0 or off[-1] != size
+                or (np.diff(off) <= 0).any()):
+            raise CacheDamaged(f"{where} is not the offset table of {n} JPEGs in {size:,} bytes")
         self._data: np.memmap | None = None
 
     def __len__(self) -> int:
@@ -143,13 +172,16 @@ class JpegCache:
 
     @classmethod
     def build_or_load(cls, records: pd.DataFrame, cache_dir: str | Path, side: int, margin: float = 0.0,
-                      workers: int = 1, quality: int = QUALITY) -> JpegCache:
+                      workers: int = 1, quality: int = QUALITY, verify: str = "stat") -> JpegCache:
+        check_verify(verify)
         key = jpeg_key(records, side, margin, quality)
         final = Path(cache_dir) / "jpegs" / key
-        if (final / "meta.json").exists():
-            log.info("JPEG preprocessing cache %s: %d images at %d px (reused)", final, len(records), side)
-            return cls(final)
         n = len(records)
+        expect = {"n": n, "side": side, "margin": margin, "quality": quality}
+        cache = reuse_checked(final, "JPEG preprocessing cache", lambda d: cls(d, verify, expect))
+        if cache is not None:
+            log.info("JPEG preprocessing cache %s: %d images at %d px (reused, verify=%s)", final, n, side, verify)
+            return cache
         items = preprocess_items(records)
         chunk = 256
         jobs = [(items[i: i + chunk], side, margin, quality) for i in range(0, n, chunk)]
@@ -157,33 +189,32 @@ class JpegCache:
         with building(final) as tmp:
             t0 = time.perf_counter()
             row = 0
-            with open(tmp / "images.bin", "wb") as f, \
+            with BlockWriter(tmp / "images.bin") as out, \
                     progress(total=n, desc=f"Building JPEG preprocessing cache ({side} px)", unit="img",
                              mininterval=2) as bar:
-                pool = (ProcessPoolExecutor(max_workers=workers, initializer=_one_thread)
-                        if workers > 1 and len(jobs) > 1 else None)
-                try:
-                    for encoded in (pool.map(_encode, jobs) if pool else map(_encode, jobs)):
-                        for blob in encoded:  # in order: row i is records row i
-                            f.write(blob)
-                            offsets[row + 1] = offsets[row] + len(blob)
-                            row += 1
-                        bar.update(len(encoded))
-                finally:
-                    if pool is not None:
-                        pool.shutdown(cancel_futures=True)
-            np.save(tmp / "offsets.npy", offsets)
+                for encoded in in_order(_encode, jobs, workers, initializer=_one_thread):
+                    for blob in encoded:  # in order: row i is records row i
+                        out.write(blob)
+                        offsets[row + 1] = offsets[row] + len(blob)
+                        row += 1
+                    if row == len(encoded) and row < n:  # the first chunk tells what the rest needs
+                        need = int(out.size / row * (n - row) * 1.2) + 8 * (n + 1)
+                        check_free_space(tmp, need, f"JPEG preprocessing cache of {n:,} images at {side} px "
+                                                    "(estimated from its first images, plus 20 %)", SPACE_HINT)
+                    bar.update(len(encoded))
+            with BlockWriter(tmp / "offsets.npy") as table:
+                np.lib.format.write_array(table, offsets, allow_pickle=False)
             seconds = time.perf_counter() - t0
             meta = {"version": CACHE_VERSION, "format": "jpeg", "quality": quality, "key": key, "n": n,
                     "side": side, "margin": margin, "bytes": int(offsets[-1]),
                     "bytes_per_image": float(offsets[-1]) / max(n, 1),
                     "build_seconds": seconds, "seconds_per_1000": seconds / max(n, 1) * 1000}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             records[["path"]].to_csv(tmp / "paths.csv", index=False)
+            seal_cache(tmp, meta, {"images.bin": out.record, "offsets.npy": table.record})
         log.info("Built JPEG preprocessing cache %s: %d images at %d px in %.1f s, %.1f KB per image "
                  "(raw: %.1f KB)", final, n, side, seconds, meta["bytes_per_image"] / 1e3,
                  raw_cache_bytes(1, side) / 1e3)
-        return cls(final)
+        return cls(final, None, expect)
 
 
 def decode_batch(blobs: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:

@@ -9,19 +9,31 @@ side), so a batch is a gather of rows from the page cache.
 The cache is keyed by the data set's content (each file's path and content hash from the image
 index, its face box) and the preprocessing parameters: any change builds a new one. A build writes
 into a temporary folder that is renamed only when complete, so an interrupted build is never
-mistaken for a cache; a failed build removes it, and the next build removes those of builds killed
-outright.
+mistaken for a cache; a failed build removes it, and the next build or reuse removes those of
+builds killed outright.
+
+A cache is never trusted on its name (issue 18): the build checks the free space first (a clear
+error naming the folder and the bytes needed and free), reserves the file (posix_fallocate) and
+writes it front to back (no sparse file under a memory map, so a full disk is an error, never a
+SIGBUS), and seals the size and per-4-MiB crc32 of `images.npy` into `meta.json`. Every reuse
+checks them (agecls.utils.files.open_cache, data.verify=stat|full: the policy and its measured
+cost are there) before the array is mapped; a cache that fails is rebuilt, with a warning naming
+the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,8 +44,17 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from agecls.data.images import load_rgb
+from agecls.data.index import check_verify
 from agecls.data.samplers import decode
-from agecls.utils.files import building
+from agecls.utils.files import (
+    BlockWriter,
+    CacheDamaged,
+    building,
+    check_free_space,
+    open_cache,
+    reuse_checked,
+    seal_cache,
+)
 from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -75,11 +96,11 @@ def preprocess_items(records: pd.DataFrame) -> list[tuple[int, str, object, obje
     return list(zip(range(n), records["path"].tolist(), boxes, aligns, strict=True))
 
 
-def _fill(args: tuple[str, int, int, list[tuple[int, str, object]], float]) -> int:
-    """Worker: preprocess a chunk of images straight into the memory-mapped array."""
-    array_path, n, side, items, margin = args
-    images = np.lib.format.open_memmap(array_path, mode="r+")
-    for row, path, box, align in items:
+def _fill(args: tuple[int, float, int, list[tuple[int, str, object, object]]]) -> np.ndarray:
+    """Worker: (side, margin, first row, items) -> the chunk's preprocessed images (len, 3, side, side)."""
+    side, margin, _, items = args
+    out = np.empty((len(items), 3, side, side), dtype=np.uint8)
+    for j, (_, path, box, align) in enumerate(items):
         try:
             img = load_rgb(path, box, margin, align)
         except Exception as err:
@@ -89,55 +110,106 @@ def _fill(args: tuple[str, int, int, list[tuple[int, str, object]], float]) -> i
                 "data.check_images=false let an undecodable file through; the next run re-indexes "
                 "changed files and, with data.check_images=true, drops unreadable ones."
             ) from err
-        images[row] = _resize(img, side)
-    images.flush()
-    return len(items)
+        out[j] = _resize(img, side)
+    return out
+
+
+def in_order(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int,
+             initializer: Callable[[], None] | None = None) -> Iterator[Any]:
+    """fn(job) for each job, in order: in this process, or in `workers` processes with at most two
+    jobs per worker ahead of the consumer (a build holds a few chunks in memory, not the cache)."""
+    if workers <= 1 or len(jobs) <= 1:
+        yield from map(fn, jobs)
+        return
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=initializer)
+    pending: deque[Future] = deque()
+    try:
+        todo = iter(jobs)
+        for job in todo:
+            pending.append(pool.submit(fn, job))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            result = pending.popleft().result()
+            job = next(todo, None)
+            if job is not None:
+                pending.append(pool.submit(fn, job))
+            yield result
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+    """The .npy header of a C-order array of `shape` and `dtype` (what np.save writes first)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    return buf.getvalue()
+
+
+SPACE_HINT = "point data.cache_dir (paths.cache_dir) to a disk with room, or use data.cache_format=jpeg (5-10x smaller)"
 
 
 class PixelCache:
-    """A built cache: `images` (N, 3, side, side) uint8, row i holding records row i."""
+    """A built cache: `images` (N, 3, side, side) uint8, row i holding records row i.
 
-    def __init__(self, directory: Path) -> None:
+    Opening checks the cache (agecls.utils.files.open_cache) and raises CacheDamaged when it fails:
+    `verify` is data.verify (stat | full; None: sizes only, for a cache this process just built);
+    `expect`, fields meta.json must hold (build_or_load's key, n, side and margin)."""
+
+    def __init__(self, directory: Path, verify: str | None = "stat", expect: dict[str, Any] | None = None) -> None:
         self.directory = Path(directory)
-        self.meta = json.loads((self.directory / "meta.json").read_text())
-        self.images = np.load(self.directory / "images.npy", mmap_mode="r")
+        self.meta = open_cache(self.directory, ["images.npy"],
+                               {"version": CACHE_VERSION, "key": self.directory.name, **(expect or {})}, verify)
         self.side = int(self.meta["side"])
+        try:
+            self.images = np.load(self.directory / "images.npy", mmap_mode="r", allow_pickle=False)
+        except ValueError as err:
+            raise CacheDamaged(f"{self.directory / 'images.npy'} is not a readable array: {err}") from err
+        want = (int(self.meta["n"]), 3, self.side, self.side)
+        if self.images.shape != want or self.images.dtype != np.uint8:
+            raise CacheDamaged(f"{self.directory / 'images.npy'} holds {self.images.dtype} {self.images.shape}, "
+                               f"not uint8 {want}")
 
     @classmethod
     def build_or_load(cls, records: pd.DataFrame, cache_dir: str | Path, side: int, margin: float = 0.0,
-                      workers: int = 1) -> PixelCache:
+                      workers: int = 1, verify: str = "stat") -> PixelCache:
+        check_verify(verify)
         key = cache_key(records, side, margin)
         final = Path(cache_dir) / "pixels" / key
-        if (final / "meta.json").exists():
-            log.info("Preprocessing cache %s: %d images at %d px (reused)", final, len(records), side)
-            return cls(final)
         n = len(records)
+        expect = {"n": n, "side": side, "margin": margin}
+        cache = reuse_checked(final, "preprocessing cache", lambda d: cls(d, verify, expect))
+        if cache is not None:
+            log.info("Preprocessing cache %s: %d images at %d px (reused, verify=%s)", final, n, side, verify)
+            return cache
         items = preprocess_items(records)
         chunk = 256
+        header = npy_header((n, 3, side, side), np.uint8)
+        size = len(header) + n * 3 * side * side
+        check_free_space(final.parent, size, f"preprocessing cache of {n:,} images at {side} px", SPACE_HINT)
         # built under a temporary name, removed on any failure (Ctrl-C included); the leftovers of
         # a build killed outright are removed by the next build (agecls.utils.files.building)
         with building(final) as tmp:
-            array_path = str(tmp / "images.npy")
-            np.lib.format.open_memmap(array_path, mode="w+", dtype=np.uint8, shape=(n, 3, side, side)).flush()
-            jobs = [(array_path, n, side, items[i: i + chunk], margin) for i in range(0, n, chunk)]
+            jobs = [(side, margin, i, items[i: i + chunk]) for i in range(0, n, chunk)]
             t0 = time.perf_counter()
-            with progress(total=n, desc=f"Building preprocessing cache ({side} px)", unit="img", mininterval=2) as bar:
-                if workers > 1 and len(jobs) > 1:
-                    with ProcessPoolExecutor(max_workers=workers) as pool:
-                        for done in pool.map(_fill, jobs):
-                            bar.update(done)
-                else:
-                    for job in jobs:
-                        bar.update(_fill(job))
+            with BlockWriter(tmp / "images.npy", size) as out, \
+                    progress(total=n, desc=f"Building preprocessing cache ({side} px)", unit="img", mininterval=2) as bar:
+                out.write(header)
+                for pixels in in_order(_fill, jobs, workers):  # row i is records row i
+                    out.write(np.ascontiguousarray(pixels, dtype=np.uint8))
+                    bar.update(len(pixels))
+            if out.size != size:
+                raise RuntimeError(f"the preprocessing cache build wrote {out.size:,} bytes, not {size:,}")
             seconds = time.perf_counter() - t0
             meta = {"version": CACHE_VERSION, "key": key, "n": n, "side": side, "margin": margin,
                     "build_seconds": seconds, "seconds_per_1000": seconds / max(n, 1) * 1000}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
             records[["path"]].to_csv(tmp / "paths.csv", index=False)
+            seal_cache(tmp, meta, {"images.npy": out.record})
             # complete: only on leaving this block is it renamed to look like a cache
         log.info("Built preprocessing cache %s: %d images at %d px in %.1f s (%.2f s per 1,000)",
                  final, n, side, seconds, meta["seconds_per_1000"])
-        return cls(final)
+        return cls(final, None, expect)
 
 
 def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
