@@ -168,6 +168,7 @@ class AgeDataModule(L.LightningDataModule):
             image_size=int(hp.image_size), crop_pct=float(hp.crop_pct), augment=hp.augment, seed=int(hp.seed),
             face_margin=self.face_margin, cache_dir=hp.cache_dir, num_workers=int(hp.num_workers),
             cache_num_workers=int(hp.cache_num_workers), check_images=bool(hp.check_images),
+            extra={"verify": str(hp.get("verify", "stat"))},  # how the caches are checked when reused
         )
 
     def make_pipeline(self, name: str) -> Pipeline:
