@@ -47,7 +47,8 @@ class CachedPipeline(Pipeline):
         folder = f"{o.cache_dir}/{self.folder}"
         with build_lock(folder, f"{self.name} preprocessing cache"):
             self.cache = self.cache_class.build_or_load(records, o.cache_dir, o.cache_side, o.face_margin,
-                                                        workers=max(1, int(o.num_workers)))
+                                                        workers=max(1, int(o.num_workers)),
+                                                        verify=o.extra.get("verify", "stat"))
 
     def datasets(self, records: pd.DataFrame, parts: Mapping[str, pd.DataFrame]) -> dict[str, Dataset]:
         self.build(records)
