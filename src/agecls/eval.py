@@ -69,11 +69,13 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     tta = check_tta(cfg.get("tta", "none"))  # before any work
+    check_number("coverage", cfg.get("coverage", 0.9), minimum=0.0, maximum=1.0)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     provenance.write(output_dir)
     model, ckpt = load_checkpoint(cfg.ckpt_path)
-    model.tta = tta  # the test stage's predictions: AgeNet.predict_years
+    model.tta = tta  # the test stage's predictions: AgeNet.tta_views
+    model.coverage = float(cfg.get("coverage", model.coverage))  # its per-face intervals (predictions.csv)
     datamodule = build_datamodule(cfg, model, ckpt, output_dir)
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=[], enable_checkpointing=False,
@@ -85,6 +87,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics["checkpoint"] = str(Path(cfg.ckpt_path).resolve())
     metrics["split"] = cfg.eval.split
     metrics["tta"] = tta
+    metrics["coverage"] = model.coverage  # of the intervals: test/interval_coverage is how often they held
     if getattr(datamodule, "membership_check", None):  # the checkpoint's own split: how much of it was evaluated
         metrics.update({f"members/{k}": v for k, v in datamodule.membership_check.items()})
     if trainer.is_global_zero:

@@ -42,6 +42,9 @@ class AgeLoss(nn.Module):
 
     name: ClassVar[str] = ""
     out_features: int = 1
+    # what a per-face interval is built around (agecls.intervals.BASES): the prediction itself, or
+    # the central quantiles of a predicted label distribution (AgeClassLoss)
+    interval_base: ClassVar[str] = "point"
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,6 +61,11 @@ class AgeLoss(nn.Module):
     def readout(self, output: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Predicted ages in years, (B,), float32, from head outputs (B, out_features)."""
         raise NotImplementedError
+
+    def distribution(self, output: torch.Tensor) -> torch.Tensor | None:
+        """(B, K) the predicted distribution over the class ages `ages`, for losses that predict
+        one (the base of a per-face interval: agecls.intervals); None for point predictions."""
+        return None
 
     def output_layer(self, in_features: int) -> nn.Module:
         """The head's last layer for this loss."""
@@ -124,6 +132,8 @@ class SmoothL1AgeLoss(RegressionLoss):
 class AgeClassLoss(AgeLoss):
     """K classes, one per whole year of [min_age, max_age]; readout = the expected age."""
 
+    interval_base: ClassVar[str] = "distribution"
+
     def __init__(self, min_age: int = 0, max_age: int = 100) -> None:
         super().__init__()
         self.min_age, self.max_age = int(min_age), int(max_age)
@@ -143,6 +153,9 @@ class AgeClassLoss(AgeLoss):
 
     def readout(self, output: torch.Tensor) -> torch.Tensor:
         return self.expected_age(torch.softmax(output.float(), dim=-1))
+
+    def distribution(self, output: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(output.float(), dim=-1)
 
     def extra_repr(self) -> str:
         return f"classes={self.num_classes} (ages {self.min_age} to {self.max_age})"

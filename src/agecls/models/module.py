@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,13 @@ from torchmetrics import MeanAbsoluteError, MinMetric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
 from agecls.data.transforms import DEFAULT_CROP_PCT
+from agecls.intervals import (
+    CHECKPOINT_KEY,
+    DEFAULT_COVERAGE,
+    LEVELS,
+    Calibration,
+    coverage_and_width,
+)
 from agecls.models.backbones import Backbone, build_backbone
 from agecls.models.heads import MLPHead
 from agecls.models.losses import AgeLoss, build_loss, loss_config, loss_name
@@ -113,16 +121,52 @@ class AgeNet(nn.Module):
     def forward(self, images: torch.Tensor, head_output: bool = False) -> torch.Tensor:
         return self.from_features(self.features(images), head_output)
 
+    @staticmethod
+    def tta_views(images: torch.Tensor, tta: str = "none") -> list[torch.Tensor]:
+        """The views of `images` that test-time augmentation `tta` predicts on: none, the images;
+        flip, the images and their horizontal flips. The one implementation of TTA (test stage,
+        agecls.eval, the AgeEstimator, predict_years, predict_interval), whose predictions are the
+        mean over the views."""
+        return [images, torch.flip(images, dims=[-1])] if check_tta(tta) == "flip" else [images]
+
     def predict_years(self, images: torch.Tensor, tta: str = "none", plain: torch.Tensor | None = None) -> torch.Tensor:
-        """Age in years, (B,), unclipped, with test-time augmentation `tta`: none, the prediction on
-        `images`; flip, the mean of the predictions on `images` and on their horizontal flips. The one
-        implementation of TTA (test stage, agecls.eval, agecls.predict). `plain`: the prediction
-        on `images` where the caller has it already (it is not computed again)."""
-        tta = check_tta(tta)
-        years = self(images) if plain is None else plain
-        if tta == "flip":
-            years = (years + self(torch.flip(images, dims=[-1]))) / 2
-        return years
+        """Age in years, (B,), unclipped, with test-time augmentation `tta` (tta_views). `plain`:
+        the prediction on `images` where the caller has it already (it is not computed again)."""
+        views = self.tta_views(images, tta)
+        years = [plain if k == 0 and plain is not None else self(v) for k, v in enumerate(views)]
+        return torch.stack(years).mean(dim=0)
+
+    def interval_from_outputs(self, outputs: Sequence[torch.Tensor], coverages: Sequence[float],
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(age_raw (B,), low_raw (B, C), high_raw (B, C)): the age and the *base* interval at each
+        of the C `coverages` (agecls.intervals: before its conformal margin), from the head's
+        outputs on one or more views of the same images (TTA: their ages and distributions are
+        averaged). For a loss with a label distribution, its central quantiles, each class taken as
+        uniform over its year [a - 0.5, a + 0.5]; for a point loss, the age itself (zero width)."""
+        raw = torch.stack([self.readout(o) for o in outputs]).mean(dim=0)
+        dists = [self.loss.distribution(o) for o in outputs]
+        if dists[0] is None:
+            base = raw.unsqueeze(1).expand(-1, len(coverages))
+            return raw, base, base
+        p = torch.stack(dists).mean(dim=0).float()  # (B, K)
+        cdf = torch.cumsum(p, dim=-1)
+        qs = [(1.0 - c) / 2.0 for c in coverages] + [(1.0 + c) / 2.0 for c in coverages]
+        q = torch.tensor(qs, dtype=cdf.dtype, device=cdf.device).view(1, -1, 1)  # (1, 2C, 1)
+        k = p.shape[-1]
+        idx = (cdf.unsqueeze(1) < q).sum(dim=-1).clamp(max=k - 1)  # (B, 2C): the class holding quantile q
+        before = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=-1)
+        frac = (q.squeeze(-1) - before.gather(1, idx)) / p.gather(1, idx).clamp_min(1e-12)
+        ages = self.loss.ages.to(cdf.dtype)[idx] - 0.5 + frac.clamp(0.0, 1.0)
+        n = len(coverages)
+        return raw, ages[:, :n], ages[:, n:]
+
+    def predict_interval(self, images: torch.Tensor, coverage: float, tta: str = "none",
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(age_raw, low_raw, high_raw), each (B,), unclipped: the age as predict_years gives it and
+        the base interval at `coverage` (interval_from_outputs), with test-time augmentation `tta`."""
+        outputs = [self(v, head_output=True) for v in self.tta_views(images, tta)]
+        raw, low, high = self.interval_from_outputs(outputs, [coverage])
+        return raw, low[:, 0], high[:, 0]
 
     def clip(self, ages: torch.Tensor) -> torch.Tensor:
         """Ages clipped to the model's age range: the readout of every prediction a user sees
@@ -132,15 +176,20 @@ class AgeNet(nn.Module):
 
 
 class ClippedAgeNet(nn.Module):
-    """What agecls.export writes: images -> (age clipped to the model's range, raw age)."""
+    """What agecls.export writes: images -> (age clipped to the model's range, raw age, and the
+    base interval at `coverage`: age_low_raw, age_high_raw, before the conformal margin that the
+    exported spec records; agecls.intervals)."""
 
-    def __init__(self, net: AgeNet) -> None:
+    OUTPUTS = ("age", "age_raw", "age_low_raw", "age_high_raw")
+
+    def __init__(self, net: AgeNet, coverage: float = 0.9) -> None:
         super().__init__()
         self.net = net
+        self.coverage = float(coverage)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.net(images)
-        return self.net.clip(raw), raw
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        raw, low, high = self.net.interval_from_outputs([self.net(images, head_output=True)], [self.coverage])
+        return self.net.clip(raw), raw, low[:, 0], high[:, 0]
 
 
 class AgeRegressor(L.LightningModule):
@@ -165,6 +214,9 @@ class AgeRegressor(L.LightningModule):
     # hyperparameter (a checkpoint does not carry it): agecls.train and agecls.eval set it from
     # their config's `tta` before testing, and record it in metrics.json.
     tta: str = "none"
+    # The coverage of the per-face intervals of the test stage (predictions.csv predicted_low /
+    # predicted_high, test/interval_coverage): set by agecls.eval from its config like tta.
+    coverage: float = DEFAULT_COVERAGE
 
     def __init__(
         self,
@@ -215,7 +267,11 @@ class AgeRegressor(L.LightningModule):
         self.test_metrics = stage_metrics("test", cs_threshold)
         self.val_mae_best = MinMetric()
         self._test_outputs: list[dict[str, torch.Tensor]] = []
+        self._val_outputs: list[dict[str, torch.Tensor]] = []
         self.test_results: dict[str, Any] | None = None
+        # the per-face intervals' margins (agecls.intervals), fitted on the validation split at the
+        # end of every validation epoch and saved with the weights they belong to
+        self.calibration: Calibration | None = None
 
     # ------------------------------------------------------------------------------ checkpoints
     @classmethod
@@ -339,8 +395,11 @@ class AgeRegressor(L.LightningModule):
             hp["pretrained"] = False
             hp["age_mean"], hp["age_std"] = float(self.age_mean), float(self.age_std)
             hp["age_min"], hp["age_max"] = float(self.net.age_min), float(self.net.age_max)
+        if self.calibration is not None:
+            checkpoint[CHECKPOINT_KEY] = self.calibration.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.calibration = Calibration.from_checkpoint(checkpoint)  # checked field by field; None if never made
         # A checkpoint from before age ranges were stored: the data config's [min_age, max_age].
         if self.hparams.get("age_min") is None:
             saved = dict(checkpoint.get("hyper_parameters") or {})
@@ -395,6 +454,29 @@ class AgeRegressor(L.LightningModule):
         output, pred = self._predict(batch)
         self.log("val/loss", self.training_loss(output, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
         self.val_metrics.update(*self._for_metrics(pred, age))
+        if not self.trainer.sanity_checking:  # the base intervals the calibration is fitted on
+            _, low, high = self.net.interval_from_outputs([output.detach()], LEVELS)
+            self._val_outputs.append({"age": age.detach(), "low": low.float(), "high": high.float()})
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = []
+
+    def fit_calibration(self) -> Calibration | None:
+        """The intervals' margins at LEVELS from this validation epoch's outputs (every rank's), or
+        None when there were none."""
+        local = {k: torch.cat([o[k] for o in self._val_outputs]) if self._val_outputs else torch.empty(0, len(LEVELS))
+                 for k in ("age", "low", "high")}
+        local["age"] = local["age"].reshape(-1)
+        self._val_outputs = []
+        if self.trainer.world_size > 1:
+            local = {k: torch.cat(gather_all_tensors(v.to(self.device))) for k, v in local.items()}
+        age = local["age"].double().cpu().numpy()
+        if age.size == 0:
+            return None
+        low, high = (local[k].double().cpu().numpy() for k in ("low", "high"))
+        return Calibration.fit(age, {c: low[:, i] for i, c in enumerate(LEVELS)},
+                               {c: high[:, i] for i, c in enumerate(LEVELS)}, self.net.loss.interval_base, split="val",
+                               epoch=int(self.current_epoch) + 1, tta="none")
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
@@ -405,24 +487,33 @@ class AgeRegressor(L.LightningModule):
         if not self.trainer.sanity_checking:
             self.val_mae_best(mae)
             self.log("val/mae_best", self.val_mae_best.compute(), prog_bar=True)
+            calibration = self.fit_calibration()
+            if calibration is not None:
+                self.calibration = calibration
+                margin = calibration.margin(DEFAULT_COVERAGE)
+                if math.isfinite(margin):
+                    self.log("val/interval_margin", margin)
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         age = batch["age"].float()
-        output, raw = self._predict(batch)
+        output = self._head_output(batch)
         if self.tta != "none":  # the mean with the prediction on the flipped images
             if "image" not in batch:
                 raise RuntimeError(
                     f"tta={self.tta} needs the test images, but this test loader gives cached backbone features "
                     f"(data.feature_cache=true); test with tta=none, or evaluate the checkpoint with "
                     f"`python -m agecls.eval ckpt_path=PATH tta={self.tta}`")
-            raw = self.net.predict_years(batch["image"], self.tta, plain=raw)
+            outputs = [output] + [self.net(v, head_output=True) for v in self.net.tta_views(batch["image"], self.tta)[1:]]
+        else:
+            outputs = [output]
+        raw, low, high = self.net.interval_from_outputs([o.detach() for o in outputs], [self.coverage])
         pred = self.net.clip(raw)  # test metrics are those of the ages a user gets
         # the loss of the head's output, as val/loss (a class distribution has no clipped form);
         # with tta, of the unaugmented pass
         self.log("test/loss", self.training_loss(output, age), on_epoch=True, sync_dist=True, batch_size=age.shape[0])
         self.test_metrics.update(*self._for_metrics(pred, age))
         self._test_outputs.append({"index": batch["index"].detach(), "age": age.detach(), "pred": pred.detach().float(),
-                                   "raw": raw.detach().float()})
+                                   "raw": raw.detach().float(), "low": low[:, 0].float(), "high": high[:, 0].float()})
 
     def on_test_epoch_start(self) -> None:
         self._test_outputs = []
@@ -433,7 +524,7 @@ class AgeRegressor(L.LightningModule):
         self.test_metrics.reset()
         self.log_dict(values)
         local = {k: torch.cat([o[k] for o in self._test_outputs]) if self._test_outputs else torch.empty(0)
-                 for k in ("index", "age", "pred", "raw")}
+                 for k in ("index", "age", "pred", "raw", "low", "high")}
         # Every rank's predictions, so rank 0 can write one predictions.csv. Ranks may hold
         # different numbers of images (an unpadded distributed sampler): gather_all_tensors pads
         # and trims; any repeats a padded sampler adds are dropped by index.
@@ -447,6 +538,13 @@ class AgeRegressor(L.LightningModule):
         raw = gathered["raw"].reshape(-1).cpu().numpy()
         _, first = np.unique(index, return_index=True)
         self.test_results = {"index": index[first], "age": age[first], "predicted": pred[first], "predicted_raw": raw[first]}
+        if self.calibration is not None:  # the calibrated interval of each face, and how often it holds the age
+            low, high = self.calibration.apply(gathered["low"].reshape(-1).cpu().numpy()[first],
+                                               gathered["high"].reshape(-1).cpu().numpy()[first], self.coverage,
+                                               (float(self.net.age_min), float(self.net.age_max)))
+            self.test_results.update(predicted_low=low, predicted_high=high)
+            covered, width = coverage_and_width(age[first], low, high)
+            self.log_dict({"test/interval_coverage": covered, "test/interval_width": width})
         self._test_outputs = []
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, torch.Tensor]:

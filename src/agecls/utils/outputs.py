@@ -34,11 +34,15 @@ def write_json(path: str | Path, data: Mapping[str, Any]) -> None:
 
 
 def predictions_frame(paths: list[str], ages: np.ndarray, predicted: np.ndarray,
-                      predicted_raw: np.ndarray | None = None) -> pd.DataFrame:
-    """`predicted` is the age clipped to the model's range; `predicted_raw` the network's output."""
+                      predicted_raw: np.ndarray | None = None, predicted_low: np.ndarray | None = None,
+                      predicted_high: np.ndarray | None = None) -> pd.DataFrame:
+    """`predicted` is the age clipped to the model's range; `predicted_raw` the network's output;
+    `predicted_low`, `predicted_high` the calibrated interval (agecls.intervals), where there is one."""
     frame = pd.DataFrame({"path": paths, "age": np.asarray(ages, dtype=float), "predicted": np.asarray(predicted, dtype=float)})
-    if predicted_raw is not None:
-        frame["predicted_raw"] = np.asarray(predicted_raw, dtype=float)
+    for name, values in (("predicted_raw", predicted_raw), ("predicted_low", predicted_low),
+                         ("predicted_high", predicted_high)):
+        if values is not None:
+            frame[name] = np.asarray(values, dtype=float)
     return frame
 
 
@@ -144,7 +148,8 @@ def write_test_stage(
 
     directory = Path(directory)
     frame = predictions_frame([test_paths[i] for i in test_results["index"]], test_results["age"], test_results["predicted"],
-                              test_results.get("predicted_raw"))
+                              test_results.get("predicted_raw"), test_results.get("predicted_low"),
+                              test_results.get("predicted_high"))
     metrics.update(metrics_by_decade(frame))
     if groups:
         order = np.asarray(test_results["index"])
