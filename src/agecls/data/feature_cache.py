@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 from agecls.data.index import check_verify
 from agecls.utils.files import (
     BlockWriter,
-    CacheDamaged,
     building,
     check_free_space,
+    load_npy,
     open_cache,
     reuse_checked,
     seal_cache,
@@ -77,15 +77,7 @@ FEATURE_VERSION = 2  # 2: files checksummed in meta.json
 def load_checked(folder: Path, names: list[str], verify: str | None, key: str) -> dict[str, np.ndarray]:
     """The arrays `names` of the feature cache in `folder`, after open_cache's checks; CacheDamaged."""
     meta = open_cache(folder, [f"{name}.npy" for name in names], {"version": FEATURE_VERSION, "key": key}, verify)
-    out = {}
-    for name in names:
-        try:
-            out[name] = np.load(folder / f"{name}.npy", allow_pickle=False)
-        except ValueError as err:
-            raise CacheDamaged(f"{folder / f'{name}.npy'} is not a readable array: {err}") from err
-        if list(out[name].shape) != meta["splits"].get(name):
-            raise CacheDamaged(f"{folder / f'{name}.npy'} holds {out[name].shape}, meta.json says {meta['splits'].get(name)}")
-    return out
+    return {name: load_npy(folder / f"{name}.npy", tuple(meta["splits"][name]), np.float32) for name in names}
 
 
 def build_or_load(key: str, cache_dir: str | Path, loaders: dict[str, DataLoader],

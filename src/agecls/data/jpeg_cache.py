@@ -52,6 +52,7 @@ from agecls.utils.files import (
     CacheDamaged,
     building,
     check_free_space,
+    load_npy,
     open_cache,
     reuse_checked,
     seal_cache,
@@ -131,14 +132,9 @@ class JpegCache:
                                                             "key": self.directory.name, **(expect or {})}, verify)
         self.side = int(self.meta["side"])
         where = self.directory / "offsets.npy"
-        try:
-            self.offsets = np.load(where, allow_pickle=False)
-        except ValueError as err:
-            raise CacheDamaged(f"{where} is not a readable array: {err}") from err
         n, size = int(self.meta["n"]), self.meta["files"]["images.bin"]["size"]
-        off = self.offsets
-        if (off.dtype != np.int64 or off.shape != (n + 1,) or off[0] != 0 or off[-1] != size
-                or (np.diff(off) <= 0).any()):
+        self.offsets = off = load_npy(where, (n + 1,), np.int64)
+        if off[0] != 0 or off[-1] != size or (np.diff(off) <= 0).any():
             raise CacheDamaged(f"{where} is not the offset table of {n} JPEGs in {size:,} bytes")
         self._data: np.memmap | None = None
 

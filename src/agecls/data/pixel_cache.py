@@ -48,9 +48,9 @@ from agecls.data.index import check_verify
 from agecls.data.samplers import decode
 from agecls.utils.files import (
     BlockWriter,
-    CacheDamaged,
     building,
     check_free_space,
+    load_npy,
     open_cache,
     reuse_checked,
     seal_cache,
@@ -162,14 +162,8 @@ class PixelCache:
         self.meta = open_cache(self.directory, ["images.npy"],
                                {"version": CACHE_VERSION, "key": self.directory.name, **(expect or {})}, verify)
         self.side = int(self.meta["side"])
-        try:
-            self.images = np.load(self.directory / "images.npy", mmap_mode="r", allow_pickle=False)
-        except ValueError as err:
-            raise CacheDamaged(f"{self.directory / 'images.npy'} is not a readable array: {err}") from err
-        want = (int(self.meta["n"]), 3, self.side, self.side)
-        if self.images.shape != want or self.images.dtype != np.uint8:
-            raise CacheDamaged(f"{self.directory / 'images.npy'} holds {self.images.dtype} {self.images.shape}, "
-                               f"not uint8 {want}")
+        self.images = load_npy(self.directory / "images.npy", (int(self.meta["n"]), 3, self.side, self.side),
+                               np.uint8, mmap=True)
 
     @classmethod
     def build_or_load(cls, records: pd.DataFrame, cache_dir: str | Path, side: int, margin: float = 0.0,
