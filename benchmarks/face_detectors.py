@@ -3,6 +3,8 @@
     python benchmarks/face_detectors.py [--photos ../shared/data/photos] [--wild-n 300]
         [--detectors mtcnn mediapipe mediapipe_short facenet haar] [--repeats 3]
         [--out benchmarks/results/face_detectors.csv]
+    python benchmarks/face_detectors.py --detectors mtcnn --min-scores 0.5 0.7 0.8 0.9 0.93 0.95 0.97 0.98 0.99
+        [--thresholds-out benchmarks/results/face_detector_thresholds.csv]
 
 Two sets:
 - `photos`: the real uncropped photos in ../shared/data/photos (face_recognition's examples),
@@ -17,6 +19,14 @@ Time: the median, over photos, of the best of --repeats runs of `detect` on the 
 image (decoding excluded), on this machine's CPU, one thread of Python (the libraries may use
 more). On a shared machine the numbers are inflated by contention; rerun on an idle one.
 Detectors that cannot be built (an optional one not installed) are skipped with a note.
+
+--min-scores: the choice of a detector's score threshold (its `min_score`, the default of
+`agecls.faces.MTCNNDetector`). Each detector with a `min_score` attribute detects each set once
+with min_score=0 (what its own stages still let through: MTCNN's output net stops below 0.7), and
+its detections are then kept at each threshold in turn (score >= threshold, the same test as the
+detector's), giving per set and threshold the faces found (recall), missed and the false faces.
+Written to --thresholds-out (a rerun replaces its detectors' rows); no times, and
+--out is not touched. Detectors without a `min_score` attribute are skipped with a note.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,10 +52,13 @@ REPO = HERE.parent
 
 
 def detect_folder(name: str, folder: str | Path, repeats: int = 1, min_size: int = 30,
-                  paths: list[Path] | None = None) -> tuple[pd.DataFrame, float]:
+                  paths: list[Path] | None = None, min_score: float | None = None) -> tuple[pd.DataFrame, float]:
     """Every detection in the folder's images: path, x0, y0, x1, y1, score, ms (per photo: the
-    best of `repeats`), and the total seconds of detection."""
+    best of `repeats`), and the total seconds of detection. `min_score`: set on the detector
+    (one with a `min_score` attribute) in place of its default."""
     detector = build_detector(name, min_size)
+    if min_score is not None:
+        detector.min_score = float(min_score)
     rows, total = [], 0.0
     for path in paths if paths is not None else list_images(folder):
         rgb = np.asarray(load_rgb(path))
@@ -92,6 +106,69 @@ def score_photos(dets: pd.DataFrame, truth: dict) -> dict:
     return {"faces": faces, "detected": hits, "recall": round(hits / max(faces, 1), 4), "false_faces": false}
 
 
+def at_threshold(dets: pd.DataFrame, threshold: float) -> pd.DataFrame:
+    """The detections a detector thresholded at `threshold` would give: rows with status "ok" and
+    score >= threshold (a photo left without any keeps no row: scoring looks at "ok" rows only)."""
+    return dets[(dets["status"] == "ok") & (dets["score"] >= threshold)]
+
+
+def threshold_rows(name: str, dets: pd.DataFrame, set_name: str, photos: int, thresholds: list[float],
+                   score: Callable[[pd.DataFrame], tuple[int, int, int]]) -> list[dict]:
+    """One row per threshold: faces, detected, missed, recall, false faces, from `score(kept)`,
+    which gives (faces, detected, false) for the detections kept."""
+    rows = []
+    for t in thresholds:
+        faces, found, false = score(at_threshold(dets, t))
+        rows.append({"detector": name, "set": set_name, "min_score": t, "photos": photos, "faces": faces,
+                     "detected": found, "missed": faces - found, "recall": round(found / max(faces, 1), 4),
+                     "false_faces": false})
+    return rows
+
+
+def run_thresholds(args: argparse.Namespace, truth: dict, photo_paths: list[Path], wild_dir: Path | None,
+                   wild_truth: pd.DataFrame | None) -> None:
+    """--min-scores: detect once per set at min_score=0, count at each threshold (module docstring)."""
+    from wild_faces import match
+
+    thresholds = sorted(set(args.min_scores))
+    results = []
+    for name in args.detectors:
+        try:
+            detector = build_detector(name, args.min_face_size)
+        except ImportError as err:
+            print(f"{name}: skipped ({err})")
+            continue
+        if not hasattr(detector, "min_score"):
+            print(f"{name}: skipped (no min_score attribute to set)")
+            continue
+        dets, _ = detect_folder(name, args.photos, 1, args.min_face_size, photo_paths, min_score=0.0)
+        dets["file"] = [Path(p).name for p in dets["path"]]
+
+        def photos_score(kept: pd.DataFrame) -> tuple[int, int, int]:
+            r = score_photos(kept, truth)
+            return r["faces"], r["detected"], r["false_faces"]
+
+        results += threshold_rows(name, dets, "photos", len(photo_paths), thresholds, photos_score)
+        if wild_dir is not None:
+            dets, _ = detect_folder(name, wild_dir, 1, args.min_face_size, min_score=0.0)
+            dets["file"] = [Path(p).name for p in dets["path"]]
+
+            def wild_score(kept: pd.DataFrame) -> tuple[int, int, int]:
+                matched, false = match(kept, wild_truth)
+                return len(wild_truth), int((matched["det_index"] >= 0).sum()), false
+
+            results += threshold_rows(name, dets, "wild", int(wild_truth["file"].nunique()), thresholds, wild_score)
+    table = pd.DataFrame(results)
+    out = Path(args.thresholds_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and len(table):  # a rerun replaces its detectors' rows, keeps the others
+        old = pd.read_csv(out)
+        table = pd.concat([old[~old["detector"].isin(table["detector"])], table], ignore_index=True)
+    table.to_csv(out, index=False)
+    print(table.to_string(index=False))
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", default=str(REPO.parent / "shared" / "data" / "photos"))
@@ -103,6 +180,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-face-size", type=int, default=30)
     parser.add_argument("--out", default=str(HERE / "results" / "face_detectors.csv"))
+    parser.add_argument("--min-scores", type=float, nargs="+", default=None,
+                        help="score thresholds to compare (detectors with a min_score): writes --thresholds-out only")
+    parser.add_argument("--thresholds-out", default=str(HERE / "results" / "face_detector_thresholds.csv"))
     args = parser.parse_args()
 
     sys.path.insert(0, str(HERE))
@@ -120,6 +200,9 @@ def main() -> None:
         wild_dir = Path(tempfile.mkdtemp(prefix="wild_detectors_")) / "photos"
         wild_truth = make_wild_set(crops, wild_dir, seed=args.seed, background=rest)
 
+    if args.min_scores:
+        run_thresholds(args, truth, photo_paths, wild_dir, wild_truth)
+        return
     results = []
     for name in args.detectors:
         try:

