@@ -436,6 +436,6 @@ def reuse_checked(final: str | Path, what: str, open_fn: Callable[[Path], T]) ->
     try:
         return open_fn(final)
     except CacheDamaged as err:
-        log.warning("The %s %s is damaged, building it again: %s", what, final, err)
+        log.warning("The %s %s is damaged (or from an older agecls), building it again: %s", what, final, err)
         discard(final)
         return None
