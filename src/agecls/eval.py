@@ -17,6 +17,7 @@ import lightning as L
 from omegaconf import DictConfig, open_dict
 
 from agecls.data import AgeDataModule
+from agecls.data.splits import SplitMembershipError
 from agecls.model_card import write_model_card
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
@@ -59,11 +60,22 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
         # exactly the images the checkpoint was tested (or trained, validated) on, checked by content
         membership = (ckpt.get(AgeDataModule.__qualname__) or {}).get("split_membership")
         if membership:
-            datamodule.use_saved_split(membership, cfg.eval.split, allow_changed=bool(cfg.eval.get("allow_changed", False)))
+            datamodule.use_saved_split(membership, cfg.eval.split, allow_changed=allow_changed)
+        elif allow_changed:
+            log.warning("%s does not record which images were in its splits: the %s split is rebuilt from the data "
+                        "and data.split_seed (eval.allow_changed=true), and may differ from the one it was tested on "
+                        "if the data or the split method changed since", cfg.ckpt_path, cfg.eval.split)
         else:
-            log.warning("%s does not record which images were in its splits (written by an older agecls): the %s "
-                        "split is rebuilt from the data and data.split_seed, and may differ from the one it was "
-                        "tested on if the data or the split method changed since", cfg.ckpt_path, cfg.eval.split)
+            split_csv = Path(cfg.ckpt_path).resolve().parent.parent / "split.csv"
+            hint = (f" the run's split.csv ({split_csv}) lists it: give data=<its data> data.root=... "
+                    f"data.split_file={split_csv};" if split_csv.is_file() else "")
+            raise SplitMembershipError(
+                f"{cfg.ckpt_path} does not record which images were in its {cfg.eval.split} split (a checkpoint of an "
+                "agecls before split membership was recorded, or one whose state was removed), so the images it was "
+                f"tested on cannot be told apart from others. Evaluating would rebuild the split from the data and "
+                f"data.split_seed, perhaps a different set:{hint} or add eval.allow_changed=true to evaluate the "
+                "rebuilt split anyway (with a warning), or eval.split=all for every image.")
+        allow_changed = bool(cfg.eval.get("allow_changed", False))
     return datamodule
 
 

@@ -5,6 +5,7 @@ behind one interface; this module only chooses one and hands it the split record
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -49,6 +50,27 @@ log = logging.getLogger(__name__)
 
 class EmptyDatasetError(RuntimeError):
     """Nothing was left after cleaning."""
+
+
+def source_for(source: str, root: str, split_seed: int, options: Mapping[str, Any]) -> Source:
+    """The data source a data config names: `options` are the keys AgeDataModule does not take
+    itself; a synthetic data set is generated with the split seed unless it names its own."""
+    opts = dict(options)
+    if source == "synthetic":
+        opts.setdefault("seed", split_seed)
+    return make_source(source, root, **opts)
+
+
+def describe_data(cfg_data: Mapping[str, Any]) -> str:
+    """The data set a data config (cfg.data, conf/data/*.yaml) names, in words, for the console's
+    first line: "data: UTKFace, 20,709 faces from /path", "data: 2,000 generated (synthetic) faces in
+    <cache dir>/synthetic/...; not real photos". Cheap (a folder listing at most). Raises
+    ConfigValueError where the config cannot work (a synthetic data.root that holds photos)."""
+    if OmegaConf.is_config(cfg_data):
+        cfg_data = OmegaConf.to_container(cfg_data, resolve=True)
+    own = set(inspect.signature(AgeDataModule.__init__).parameters)
+    options = {k: v for k, v in cfg_data.items() if k not in own and k != "_target_"}
+    return source_for(str(cfg_data["source"]), str(cfg_data["root"]), cfg_data.get("split_seed", 0), options).describe()
 
 
 @dataclass
@@ -108,7 +130,8 @@ class AgeDataModule(L.LightningDataModule):
         splits = check_data_options(image_size=image_size, batch_size=batch_size, splits=splits,
                                     num_workers=num_workers, cache_num_workers=cache_num_workers, cache_format=cache_format,
                                     cache_memory_budget_gb=cache_memory_budget_gb, min_age=min_age,
-                                    max_age=max_age, age_bin_width=age_bin_width, crop_pct=crop_pct)
+                                    max_age=max_age, age_bin_width=age_bin_width, crop_pct=crop_pct,
+                                    augment=augment, seed=seed, split_seed=split_seed)
         augment = OmegaConf.to_container(augment, resolve=True) if OmegaConf.is_config(augment) else augment
         source_options = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                           for k, v in source_options.items()}
@@ -122,6 +145,7 @@ class AgeDataModule(L.LightningDataModule):
             log.info("data.seed not set; drew %d", seed)
         self.save_hyperparameters(logger=False)
         self.source_options = dict(source_options)
+        self.make_source()  # its options and root are checked now (a synthetic root holding photos), before any work
         self.face_margin = float(face_margin)  # used where a source gives face boxes
         self._prepared: PreparedData | None = None
         self._saved_split: tuple[str, dict[str, bytes], bool] | None = None  # use_saved_split
@@ -137,10 +161,7 @@ class AgeDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------------------- building
     def make_source(self) -> Source:
-        opts = dict(self.source_options)
-        if self.hparams.source == "synthetic":
-            opts.setdefault("seed", self.hparams.split_seed)
-        return make_source(self.hparams.source, self.hparams.root, **opts)
+        return source_for(self.hparams.source, self.hparams.root, self.hparams.split_seed, self.source_options)
 
     def _index_fn(self, source: Source):
         hp = self.hparams
@@ -283,10 +304,7 @@ class AgeDataModule(L.LightningDataModule):
         if self._prepared is None or self._saved_split is not None:
             return {}
         if self._membership_state is None:  # the records do not change within a run
-            membership = encode_membership(self.split_table())
-            if membership is None:
-                log.warning("A data path holds a newline: checkpoints will not record the split membership")
-            self._membership_state = {"split_membership": membership} if membership else {}
+            self._membership_state = {"split_membership": encode_membership(self.split_table())}
         return self._membership_state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from agecls.data.images import check_image
+from agecls.data.images import CHECK_VERSION, check_image
 from agecls.utils.files import building
 from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
 STAT_COLUMNS = ["size", "mtime_ns", "ctime_ns", "inode"]
-INDEX_COLUMNS = ["path", *STAT_COLUMNS, "sha1", "ok", "error", "width", "height", "decoded"]
+INDEX_COLUMNS = ["path", *STAT_COLUMNS, "sha1", "ok", "error", "width", "height", "decoded", "checks"]
 VERIFY_MODES = ("stat", "full")
 
 
@@ -47,8 +47,10 @@ def check_verify(verify: str) -> str:
 
 
 def _same_stat(old: dict, stat: tuple[int, int, int, int]) -> bool:
+    """The file is as indexed, and was checked by this version of check_image (CHECK_VERSION)."""
     try:
-        return tuple(int(old[c]) for c in STAT_COLUMNS) == stat and stat[0] >= 0
+        return (tuple(int(old[c]) for c in STAT_COLUMNS) == stat and stat[0] >= 0
+                and int(old["checks"]) == CHECK_VERSION)
     except (KeyError, TypeError, ValueError):
         return False
 
@@ -109,7 +111,8 @@ def build_index(
         else:
             results = [_check(j) for j in progress(jobs, desc=desc, mininterval=2, disable=len(jobs) < 256)]
         for i, res in zip(todo, results, strict=True):
-            rows[i] = {"path": paths[i], **dict(zip(STAT_COLUMNS, stats[i], strict=True)), "decoded": decode, **res}
+            rows[i] = {"path": paths[i], **dict(zip(STAT_COLUMNS, stats[i], strict=True)), "decoded": decode,
+                       "checks": CHECK_VERSION, **res}
         what = "every image (data.verify=full)" if verify == "full" else "new or changed images"
         log.info("Indexed %d %s (%d reused from the cache)", len(todo), what, len(paths) - len(todo))
         if cache_file is not None:

@@ -4,6 +4,7 @@ its key, so adding or removing images never moves another image between splits."
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,38 +136,50 @@ class SplitMembershipError(ValueError):
     """Images of a checkpoint's saved split are missing from the data now, or their content changed."""
 
 
-# The split membership a checkpoint carries (AgeDataModule.state_dict): per split, one string of
-# the paths (relative to the data root, as in split.csv) joined by newlines and one bytes of their
-# 20-byte sha1 digests, zeros where the image was not indexed. Compact (500k images: ~30 MB) and
-# plain data, which torch.load(weights_only=True) reads.
-MEMBERSHIP_VERSION = 1
+# The split membership a checkpoint carries (AgeDataModule.state_dict): per split, the paths
+# (relative to the data root, as in split.csv) as one JSON array in a string, and one bytes of their
+# 20-byte sha1 digests, zeros where the image was not indexed. JSON encodes any path (a newline, a
+# quote, a name that is not valid UTF-8), so every data set's membership is recorded. Compact
+# (500k images: ~30 MB) and plain data, which torch.load(weights_only=True) reads.
+#   1: the paths joined by newlines (agecls <= 0.1: a path with a newline left the membership out)
+#   2: the paths as a JSON array
+MEMBERSHIP_VERSION = 2
+READABLE_MEMBERSHIP_VERSIONS = (1, 2)
 NO_SHA1 = bytes(20)
 
 
-def encode_membership(table: pd.DataFrame) -> dict[str, Any] | None:
-    """split.csv's table (path, split and, where indexed, sha1) as a checkpoint entry; None if a
-    path holds a newline (it could not be told apart from two)."""
+def encode_membership(table: pd.DataFrame) -> dict[str, Any]:
+    """split.csv's table (path, split and, where indexed, sha1) as a checkpoint entry."""
     paths = table["path"].astype(str)
-    if paths.str.contains("\n", regex=False).any():
-        return None
     sha1 = table["sha1"].fillna("").astype(str) if "sha1" in table.columns else pd.Series([""] * len(table))
     splits = {}
     for name in SPLITS:
         part = (table["split"] == name).to_numpy()
         digests = b"".join(bytes.fromhex(h) if len(h) == 40 else NO_SHA1 for h in sha1[part])
-        splits[name] = {"paths": "\n".join(paths[part]), "sha1": digests}
+        # ensure_ascii: a name that is not valid UTF-8 (Python's surrogate escapes) survives the round trip
+        splits[name] = {"paths": json.dumps(paths[part].tolist(), ensure_ascii=True), "sha1": digests}
     return {"version": MEMBERSHIP_VERSION, "splits": splits}
 
 
 def decode_membership(membership: Mapping[str, Any], split: str) -> dict[str, bytes]:
-    """{relative path: sha1 digest (NO_SHA1 where unknown)} of one split of an encoded membership."""
+    """{relative path: sha1 digest (NO_SHA1 where unknown)} of one split of an encoded membership;
+    SplitMembershipError where it cannot be read."""
     version = membership.get("version") if isinstance(membership, Mapping) else None
-    if version != MEMBERSHIP_VERSION or split not in membership.get("splits", {}):
-        raise ValueError(f"split membership version {version!r} without split {split!r}: this agecls reads "
-                         f"version {MEMBERSHIP_VERSION} (train, val, test); was the checkpoint written by a newer agecls?")
+    if version not in READABLE_MEMBERSHIP_VERSIONS or split not in membership.get("splits", {}):
+        raise SplitMembershipError(
+            f"split membership version {version!r} without split {split!r}: this agecls reads versions "
+            f"{', '.join(map(str, READABLE_MEMBERSHIP_VERSIONS))} (train, val, test); was the checkpoint written by a "
+            "newer agecls? Evaluate it with that version, or name the data and its split: data=... "
+            "data.split_file=<the run's split.csv>")
     entry = membership["splits"][split]
-    paths = entry["paths"].split("\n") if entry["paths"] else []
+    if version == 1:
+        paths = entry["paths"].split("\n") if entry["paths"] else []
+    else:
+        paths = json.loads(entry["paths"])
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise SplitMembershipError(f"split membership of {split!r}: its paths are not a JSON list of strings")
     digests = bytes(entry["sha1"])
     if len(digests) != 20 * len(paths):
-        raise ValueError(f"split membership of {split!r}: {len(paths)} paths but {len(digests)} bytes of sha1 digests")
+        raise SplitMembershipError(f"split membership of {split!r}: {len(paths)} paths but {len(digests)} bytes "
+                                   "of sha1 digests")
     return {p: digests[20 * i:20 * i + 20] for i, p in enumerate(paths)}

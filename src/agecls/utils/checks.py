@@ -82,6 +82,85 @@ def check_splits(splits: Any, key: str = "data.splits") -> list[float]:
     return [float(v) for v in splits]
 
 
+SEED_MAX = 2**32 - 1  # numpy's and Lightning's seed_everything's upper bound
+
+
+def check_seed(key: str, value: Any, allow_none: bool = False) -> int | None:
+    """A seed: a whole number from 0 to 2**32 - 1 (null too where `allow_none`: a random seed, logged)."""
+    if value is None and allow_none:
+        return None
+    check_number(key, value, minimum=0, maximum=SEED_MAX, integer=True,
+                 why=" (a seed" + ("; null draws one and logs it)" if allow_none else ")"))
+    return int(value)
+
+
+def _numbers(key: str, value: Any, count: int, allowed: str) -> list[float]:
+    """`value` as `count` finite numbers, else ConfigValueError("key=value: allowed")."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value, resolve=True)
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != count
+            or any(isinstance(v, bool) or not isinstance(v, Real) or not math.isfinite(float(v)) for v in value)):
+        fail(key, value, allowed)
+    return [float(v) for v in value]
+
+
+def _range_pair(key: str, value: Any, low: float, high: float | None, what: str) -> None:
+    """[lo, hi] with low < lo <= hi (<= high where given)."""
+    top = f" <= {high:g}" if high is not None else ""
+    allowed = f"must be null or two numbers [lo, hi] with {low:g} < lo <= hi{top} ({what})"
+    lo, hi = _numbers(key, value, 2, allowed)
+    if not (low < lo <= hi and (high is None or hi <= high)):
+        fail(key, value, allowed)
+
+
+# data.augment's options (conf/data/_base.yaml), each null (off) or within these bounds: the
+# per-sample (agecls.data.transforms) and the batched (agecls.data.batch_augment) paths read the same.
+AUGMENT_KEYS = ("enabled", "hflip", "color_jitter", "rotation", "resized_crop_scale", "resized_crop_ratio",
+                "affine_translate", "affine_scale", "affine_shear", "compile")
+
+
+def check_augment(augment: Any, key: str = "data.augment") -> None:
+    """data.augment: null (no augmentation) or a mapping of AUGMENT_KEYS, each value in its range."""
+    if OmegaConf.is_config(augment):
+        augment = OmegaConf.to_container(augment, resolve=True)
+    if augment is None:
+        return
+    if not isinstance(augment, Mapping):
+        fail(key, augment, f"must be null or a mapping of {', '.join(AUGMENT_KEYS)} (conf/data/_base.yaml)")
+    for name, value in augment.items():
+        if name not in AUGMENT_KEYS:
+            fail(f"{key}.{name}", value, f"is not an augmentation option; choose among {', '.join(AUGMENT_KEYS)}")
+    for name in ("enabled", "compile"):
+        if name in augment and not isinstance(augment[name], bool):
+            fail(f"{key}.{name}", augment[name], "must be true or false")
+    a = {k: v for k, v in augment.items() if v is not None}
+    if "hflip" in a:
+        check_number(f"{key}.hflip", a["hflip"], minimum=0, maximum=1, why=" (the probability of a horizontal flip)")
+    if "color_jitter" in a:
+        allowed = ("must be null or four numbers [brightness, contrast, saturation, hue]: the first three from 0 "
+                   "to 1 (a factor drawn from [1 - x, 1 + x]), hue from 0 to 0.5 (a shift of the hue circle)")
+        b, c, sat, hue = _numbers(f"{key}.color_jitter", a["color_jitter"], 4, allowed)
+        if not (0 <= b <= 1 and 0 <= c <= 1 and 0 <= sat <= 1 and 0 <= hue <= 0.5):
+            fail(f"{key}.color_jitter", a["color_jitter"], allowed)
+    if "rotation" in a:
+        check_number(f"{key}.rotation", a["rotation"], minimum=0, maximum=180,
+                     why=" (degrees: the angle is drawn from [-rotation, rotation])")
+    if "resized_crop_scale" in a:
+        _range_pair(f"{key}.resized_crop_scale", a["resized_crop_scale"], 0, 1, "the share of the area kept")
+    if "resized_crop_ratio" in a:
+        _range_pair(f"{key}.resized_crop_ratio", a["resized_crop_ratio"], 0, None, "the crop's aspect ratio range")
+    if "affine_translate" in a:
+        allowed = "must be null or two numbers [x, y] from 0 to 1 (the largest shift, as a share of width and height)"
+        tx, ty = _numbers(f"{key}.affine_translate", a["affine_translate"], 2, allowed)
+        if not (0 <= tx <= 1 and 0 <= ty <= 1):
+            fail(f"{key}.affine_translate", a["affine_translate"], allowed)
+    if "affine_scale" in a:
+        _range_pair(f"{key}.affine_scale", a["affine_scale"], 0, None, "the zoom range")
+    if "affine_shear" in a:
+        check_number(f"{key}.affine_shear", a["affine_shear"], minimum=0, below=90,
+                     why=" (degrees: the shear is drawn from [-shear, shear])")
+
+
 TTA_MODES = ("none", "flip")  # tta: test-time augmentation (AgeNet.predict_years)
 
 
@@ -123,6 +202,9 @@ def check_data_options(
     max_age: Any = 100,
     age_bin_width: Any = 5,
     crop_pct: Any = DEFAULT_CROP_PCT,
+    augment: Any = None,
+    seed: Any = None,
+    split_seed: Any = 0,
     min_size: int = 1,
     backbone_name: str | None = None,
     prefix: str = "data.",
@@ -142,6 +224,12 @@ def check_data_options(
     # no null: it reaches the model and every exported graph's preprocessing (1.0 means no margin)
     check_number(f"{prefix}crop_pct", crop_pct, above=0, maximum=1,
                  why=" (1.0: the evaluation resize is the input size, no crop margin)")
+    check_augment(augment, f"{prefix}augment")
+    check_seed(f"{prefix}seed", seed, allow_none=True)
+    if split_seed is None:
+        fail(f"{prefix}split_seed", split_seed, "the split needs a fixed seed (a whole number from 0 to 2**32 - 1); "
+                                                f"with seed=null give {prefix}split_seed=N")
+    check_seed(f"{prefix}split_seed", split_seed)
     return check_splits(splits, f"{prefix}splits")
 
 
@@ -243,6 +331,8 @@ def check_train_config(cfg: Any) -> None:
                 check_number(f"trainer.{name}", limit, above=0,
                              why=" with train=true (a share in (0, 1] or a number of batches; null = all)")
 
+    check_seed("seed", _get(cfg, "seed"), allow_none=True)  # before data.seed=${seed} names it
+
     # model
     for i, width in enumerate(_get(cfg, "head.hidden", []) or []):
         check_number(f"head.hidden[{i}]", width, minimum=1, integer=True)
@@ -266,6 +356,13 @@ def check_train_config(cfg: Any) -> None:
     data = _get(cfg, "data")
     if data is None:
         return
+    if data.get("source") == "synthetic" and _get(cfg, "data.root"):
+        # a synthetic data.root that holds photos (data.root=... without data=): refused before anything is built
+        from pathlib import Path
+
+        from agecls.data.sources.synthetic import check_generated_root
+
+        check_generated_root(Path(str(_get(cfg, "data.root"))).expanduser())
     backbone = _get(cfg, "backbone") or {}
     backbone_name = _get(cfg, "backbone.name")
     splits = check_data_options(
@@ -280,6 +377,9 @@ def check_train_config(cfg: Any) -> None:
         max_age=data.get("max_age", 100),
         age_bin_width=data.get("age_bin_width", 5),
         crop_pct=data.get("crop_pct", DEFAULT_CROP_PCT),
+        augment=data.get("augment"),
+        seed=data.get("seed"),
+        split_seed=data.get("split_seed", 0),
         min_size=min_image_size(backbone),
         backbone_name=str(backbone_name) if backbone_name else None,
     )

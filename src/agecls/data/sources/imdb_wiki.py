@@ -67,6 +67,7 @@ def _vector(struct: np.void, field: str, n: int) -> np.ndarray:
 
 class IMDBWikiSource(Source):
     name = "imdb_wiki"
+    title = "IMDB-WIKI"
 
     def __init__(
         self,
@@ -85,6 +86,11 @@ class IMDBWikiSource(Source):
         self.download = bool(download)
         self.download_url = download_url or URLS[subset]
         self.download_sha256 = download_sha256
+
+    def describe(self) -> str:
+        kind = "cropped faces" if self.cropped else "full photos, cropped to face_location"
+        where = "" if self.mat_file.exists() else f" (no {self.mat_file.name} yet)"
+        return f"data: IMDB-WIKI, {self.subset} subset ({kind}) from {self.root}{where}"
 
     @property
     def mat_file(self) -> Path:

@@ -7,6 +7,10 @@ hair colour, background, position and size vary at random, so a model must learn
 The images are written once to `root` (JPEG, like real data) with a `labels.csv`; the folder is
 rebuilt when its parameters change, and built in a temp folder then renamed, so concurrent or
 interrupted runs never see half a data set.
+
+`root` is under the cache folder by default (conf/data/synthetic.yaml). A root that holds anything
+but generated data sets (a user's folder of photos, given as data.root without data=) is refused
+before anything is written: generated faces never land among, or are trained on instead of, real ones.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -21,7 +26,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw
 
+from agecls.data.images import is_image_name
 from agecls.data.sources.base import Source, SourceRecords
+from agecls.utils.checks import fail
 from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
@@ -86,14 +93,45 @@ def draw_face(age: float, rng: np.random.Generator, size: int = 96) -> Image.Ima
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+# What SyntheticSource writes into its root: one folder per data set (SyntheticSource.folder) and,
+# while one is built, its temp folder.
+_GENERATED = re.compile(r"^(\.tmp-)?n\d+_s\d+_seed-?\d+_v\d+(-\d+)?$")
+
+
+def check_generated_root(root: Path) -> None:
+    """Refuse (ConfigValueError) a root that is a file or holds anything but generated data sets."""
+    if root.exists() and not root.is_dir():
+        fail("data.root", str(root), "is a file, and the synthetic data set (the default when no data= is given) "
+                                     "is generated into a folder: to train on a CSV of images add data=csv")
+    if not root.is_dir():
+        return
+    foreign = sorted(e.name for e in os.scandir(root) if not _GENERATED.match(e.name))
+    if foreign:
+        images = sum(map(is_image_name, foreign))
+        parts = [f"{images:,} images" if images else "", f"{len(foreign) - images:,} other entries" if
+                 len(foreign) > images else ""]
+        what = " and ".join(p for p in parts if p) + " that agecls did not generate"
+        fail("data.root", str(root), f"holds {what} (e.g. {', '.join(foreign[:3])}), but data is the synthetic data "
+                                     "set (the default when no data= is given), which would write generated faces "
+                                     "there and train on them. To train on these images add data=utkface (a folder "
+                                     "of UTKFace crops) or data=csv data.root=<your labels.csv>; for synthetic data "
+                                     "leave data.root unset (it is generated under paths.cache_dir) or name an empty "
+                                     "folder")
+
+
 class SyntheticSource(Source):
     name = "synthetic"
+    title = "synthetic"
 
     def __init__(self, root: str | Path, num_samples: int = 2000, synthetic_size: int = 96, seed: int = 0) -> None:
         super().__init__(root)
         self.num_samples = int(num_samples)
         self.size = int(synthetic_size)
         self.seed = int(seed)
+        check_generated_root(self.root)
+
+    def describe(self) -> str:
+        return f"data: {self.num_samples:,} generated (synthetic) faces in {self.folder}; not real photos"
 
     @property
     def folder(self) -> Path:

@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from agecls.data.images import list_images
+from agecls.data.images import scan_images
 from agecls.data.sources.base import Source, SourceRecords
 
 log = logging.getLogger(__name__)
@@ -24,14 +24,20 @@ RACES = {"0": "White", "1": "Black", "2": "Asian", "3": "Indian", "4": "Others"}
 
 class UTKFaceSource(Source):
     name = "utkface"
+    title = "UTKFace"
     how_to_get = (
         "Download UTKFace's aligned & cropped faces (UTKFace.tar.gz, https://susanqq.github.io/UTKFace/), "
         "unpack it and point data.root (or AGECLS_UTKFACE_DIR) at the folder of *.jpg.chip.jpg files."
     )
 
+    def count(self) -> int | None:
+        return len(scan_images(self.root).files)
+
     def load(self) -> SourceRecords:
         self.check_root()
-        files = list_images(self.root)
+        scan = scan_images(self.root)  # a FIFO, folder or broken link named x.jpg, a .gif: counted, not read
+        scan.log_skipped(self.root)
+        files = scan.files
         paths, ages, genders, races, bad = [], [], [], [], []
         for f in files:
             m = _AGE.match(f.name)
@@ -46,4 +52,4 @@ class UTKFaceSource(Source):
         if bad:
             log.warning("%d UTKFace names carry no leading age and were skipped, e.g. %s", len(bad), bad[:3])
         records = pd.DataFrame({"path": paths, "age": ages, "gender": genders, "race": races})
-        return SourceRecords(records, removed={"unparseable_name": len(bad)}, root=self.root)
+        return SourceRecords(records, removed={**scan.lost(), "unparseable_name": len(bad)}, root=self.root)
