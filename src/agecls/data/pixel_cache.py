@@ -183,7 +183,7 @@ class PixelCache:
         size = len(header) + n * 3 * side * side
         check_free_space(final.parent, size, f"preprocessing cache of {n:,} images at {side} px", SPACE_HINT)
         # built under a temporary name, removed on any failure (Ctrl-C included); the leftovers of
-        # a build killed outright are removed by the next build (agecls.utils.files.building)
+        # a build killed outright are removed by the next build or reuse (agecls.utils.files)
         with building(final) as tmp:
             jobs = [(side, margin, i, items[i: i + chunk]) for i in range(0, n, chunk)]
             t0 = time.perf_counter()
