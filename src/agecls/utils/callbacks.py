@@ -9,6 +9,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 
 class RNGStateCallback(L.Callback):
@@ -125,3 +127,32 @@ class EpochSummary(L.Callback):
             left = sum(self._durations) / len(self._durations) * (total - epoch)
             text += f" (about {_duration(left)} left)"
         return text
+
+
+def epoch_progress_bar() -> L.Callback:
+    """Lightning's progress bar (Rich's where rich is installed, as Lightning picks), its epochs
+    counted from 1 as EpochSummary's lines count them ("Epoch 1/50", not Lightning's "Epoch 0/49")."""
+    return RichEpochProgressBar() if _RICH_AVAILABLE else TQDMEpochProgressBar()
+
+
+def _epoch_text(trainer: L.Trainer) -> str:
+    total = trainer.max_epochs if trainer.max_epochs not in (None, -1) else None
+    return f"Epoch {trainer.current_epoch + 1}" + (f"/{total}" if total is not None else "")
+
+
+class RichEpochProgressBar(RichProgressBar):
+    """Rich's bar with epochs counted from 1 (epoch_progress_bar)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = _epoch_text(self.trainer)
+        if len(self.validation_description) > len(text):  # as Rich's: no flicker between the two bars
+            text = f"{text:{len(self.validation_description)}}"
+        return text
+
+
+class TQDMEpochProgressBar(TQDMProgressBar):
+    """tqdm's bar with epochs counted from 1 (epoch_progress_bar)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self.train_progress_bar.set_description(_epoch_text(trainer))

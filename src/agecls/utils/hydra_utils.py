@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,21 @@ def to_dict(node: Any) -> Any:
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but an agecls error raised while building (a PretrainedWeightsError,
+    a ConfigValueError, ... : user_error) comes out as itself, not wrapped in Hydra's
+    InstantiationException, whose message is the error's repr (its lines joined by a literal \\n)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if cause is None or user_error(cause) is not cause:
+            raise
+        raise cause from None
 
 
 def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
@@ -153,3 +171,248 @@ EVAL_SUMMARY = {
     "precision": "trainer.precision",
     "output_dir": "paths.output_dir",
 }
+
+
+# ------------------------------------------------------------------------------- entry points
+# `--help` and errors of every command. Each entry point's main is decorated once:
+#
+#     @entry_point
+#     @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
+#     def main(cfg: DictConfig) -> None: ...
+#
+# (a plain `main(argv)`, as agecls.report's, gets the same error handling.)
+
+HELP_FLAGS = ("-h", "--help")
+
+# Errors whose message is the whole story: agecls's own classes (ConfigValueError, CheckpointError,
+# PretrainedWeightsError, SplitError, ...: any class defined in an agecls module), a mandatory key
+# left out (`???`), and a missing or unwritable file that agecls's own code refused.
+_FILE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _raised_in_agecls(err: BaseException) -> bool:
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    return last is not None and str(last.tb_frame.f_globals.get("__name__", "")).startswith("agecls")
+
+
+def user_error(err: BaseException) -> BaseException | None:
+    """The error to report as one paragraph (no traceback), or None for any other exception (a bug,
+    a library's failure: its traceback is the useful part). Hydra's wrapper around a failed
+    `instantiate` (whose message is the repr of the real error, newlines as \\n) is unwrapped."""
+    from hydra.errors import InstantiationException
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(err, InstantiationException) and err.__cause__ is not None:
+        return user_error(err.__cause__)
+    if isinstance(err, MissingMandatoryValue):
+        return err
+    if type(err).__module__.startswith("agecls"):
+        return err
+    if isinstance(err, _FILE_ERRORS) and _raised_in_agecls(err):
+        return err
+    return None
+
+
+def error_paragraph(err: BaseException, prog: str) -> str:
+    """`prog: message` and how to see the traceback: the paragraph a user error prints."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if isinstance(err, MissingMandatoryValue):
+        key = getattr(err, "full_key", None) or str(err).split(":")[-1].strip()
+        message = f"{key} is required: add {key}=... to the command (`{prog} --help` lists the options)."
+    else:
+        message = str(err).strip() or type(err).__name__
+    return f"{prog}: {message}\n(HYDRA_FULL_ERROR=1 shows where it was raised.)"
+
+
+def _prog(task: Callable[..., Any]) -> str:
+    """`python -m agecls.<name>` of an entry point (its module's name also under `python -m`)."""
+    module = sys.modules.get(task.__module__)
+    spec = getattr(module, "__spec__", None)
+    name = spec.name if spec is not None and spec.name != "__main__" else task.__module__
+    return f"python -m {name}" if name.startswith("agecls") else Path(sys.argv[0]).name
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def report_user_errors(task: Callable[..., Any], prog: str | None = None) -> Callable[..., Any]:
+    """`task` that, for a user error (user_error), prints one paragraph to stderr and exits with
+    code 2 instead of a traceback. HYDRA_FULL_ERROR=1 keeps the traceback; a job of a multirun
+    re-raises (the sweep records the failure and goes on as Hydra decides)."""
+
+    @functools.wraps(task)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except Exception as err:
+            shown = user_error(err)
+            if shown is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            paragraph = error_paragraph(shown, prog or _prog(task))
+            if _multirun():
+                log.error("%s", paragraph)
+                raise
+            sys.stdout.flush()
+            print(paragraph, file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return guarded
+
+
+def entry_point(main: Callable[..., Any]) -> Callable[..., Any]:
+    """The decorator of every command's `main`, placed above `@hydra.main(...)`: `--help` prints the
+    command's own options (command_help) and exits 0; agecls's own errors print one paragraph and
+    exit 2 (report_user_errors). A `main` without @hydra.main (a plain `main(argv)`) gets the error
+    handling only. Called with a config, `main(cfg)` runs the task directly, as Hydra's does."""
+    hydra_args = inspect.getclosurevars(main).nonlocals if hasattr(main, "__wrapped__") else {}
+    if "config_name" not in hydra_args:
+        return report_user_errors(main)
+    task = main.__wrapped__
+    config_name = hydra_args["config_name"]
+    rebuilt = hydra.main(version_base="1.3", config_path=hydra_args.get("config_path") or config_dir(),
+                         config_name=config_name)(report_user_errors(task))
+
+    @functools.wraps(task)
+    def run(cfg_passthrough: DictConfig | None = None) -> Any:
+        if cfg_passthrough is not None:
+            return task(cfg_passthrough)
+        if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+            print(command_help(config_name, _prog(task), sys.modules.get(task.__module__).__doc__))
+            raise SystemExit(0)
+        return rebuilt()
+
+    return run
+
+
+# ------------------------------------------------------------------------------------ --help
+_KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w-]*)\s*:(?:\s+(?P<rest>.*))?$")
+_DEFAULT = re.compile(r"^\s*-\s*(?:override\s+)?/?(?P<group>[\w/]+)\s*:\s*(?P<option>[\w.-]+)\s*(?:#\s*(?P<comment>.*))?$")
+_SENTENCE_END = re.compile(r"(?<=[a-z0-9)\]`'\"])[.;]\s+(?=[A-Z(`])")
+_SKIPPED = ("defaults", "hydra", "task_name")
+
+
+def _split_comment(text: str) -> tuple[str, str, int]:
+    """(value, comment, column of its `#` or -1) of the text after `key:` (quotes respected)."""
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or text[i - 1].isspace()):
+            return text[:i].strip(), text[i + 1:].strip(), i
+    return text.strip(), "", -1
+
+
+def yaml_options(path: str | Path) -> list[tuple[str, str, str]]:
+    """(dotted key, default as written, its comment) of every value of a Hydra yaml file. The comment
+    is the one after the value (with the comment lines below it aligned with it), else the block of
+    comment lines right above the key. `defaults`, `hydra` and `task_name` are left out."""
+    options: list[tuple[str, str, str]] = []
+    stack: list[tuple[int, str]] = []
+    above: list[str] = []
+    last: list[Any] | None = None  # [key, value, comment, column of the trailing comment]
+    for line in Path(path).read_text().splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("-"):
+            above, last = [], None if not stripped else last
+            continue
+        if stripped.startswith("#"):
+            text = stripped[1:].strip()
+            column = len(line) - len(line.lstrip())
+            if last is not None and last[3] >= 0 and column >= last[3] - 2:
+                last[2] = f"{last[2]} {text}".strip()
+            elif not text.startswith("@package"):
+                above.append(text)
+            continue
+        match = _KEY.match(line)
+        if not match:
+            above, last = [], None
+            continue
+        indent = len(match["indent"])
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        value, comment, column = _split_comment(match["rest"] or "")
+        keys = [k for _, k in stack] + [match["key"]]
+        if not value:  # a mapping (or a list) follows
+            stack.append((indent, match["key"]))
+            above, last = [], None
+            continue
+        if keys[0] in _SKIPPED:
+            above, last = [], None
+            continue
+        last = [".".join(keys), value, comment or " ".join(above), match.start("rest") + column if column >= 0 else -1]
+        options.append(last)
+        above = []
+    return [(k, v, c) for k, v, c, _ in options]
+
+
+def _one_line(text: str, width: int = 120) -> str:
+    text = " ".join(text.split())
+    text = _SENTENCE_END.split(text, maxsplit=1)[0].rstrip(".")
+    return text if len(text) <= width else text[: width - 1].rsplit(" ", 1)[0] + " ..."
+
+
+def _defaults(path: Path) -> list[tuple[str, str, str]]:
+    """(group, option, comment) of a yaml file's defaults list (not _self_, not `group@package`)."""
+    out, inside = [], False
+    for line in path.read_text().splitlines():
+        if re.match(r"^defaults\s*:", line):
+            inside = True
+            continue
+        if inside and line and not line.startswith((" ", "-", "#")):
+            break
+        match = _DEFAULT.match(line) if inside else None
+        if match:
+            out.append((match["group"], match["option"], match["comment"] or ""))
+    return out
+
+
+def _is_global_package(path: Path) -> bool:
+    for line in path.read_text().splitlines():
+        if line.strip():
+            return line.strip().replace(" ", "") == "#@package_global_"
+    return False
+
+
+def _rows(rows: list[tuple[str, str]]) -> list[str]:
+    width = min(30, max((len(a) for a, _ in rows), default=0))
+    return [f"  {a:<{width}}  {b}".rstrip() if len(a) <= width else f"  {a}\n  {'':<{width}}  {b}".rstrip()
+            for a, b in rows]
+
+
+def command_help(config_name: str, prog: str, doc: str | None = None, conf: str | Path | None = None) -> str:
+    """`--help` of a command: its own options (conf/<config_name>.yaml) with their one-line
+    descriptions, those of the `@package _global_` files its defaults list pulls in (such as
+    conf/estimator/default.yaml), and its config groups with their choices."""
+    conf = Path(conf or config_dir())
+    path = conf / f"{config_name}.yaml"
+    lines = [f"usage: {prog} [key=value ...]", ""]
+    if doc:
+        lines += [doc.strip().split("\n\n")[0].strip(), ""]
+    lines += [f"Options (conf/{config_name}.yaml; key=default):"]
+    lines += _rows([(f"{k}={v}", _one_line(c)) for k, v, c in yaml_options(path)])
+    groups = []
+    for group, option, comment in _defaults(path):
+        if group in ("hydra",):
+            continue
+        file = conf / group / f"{option}.yaml"
+        if option != "null" and file.is_file() and _is_global_package(file):
+            lines += ["", f"Options from conf/{group}/{option}.yaml:"]
+            lines += _rows([(f"{k}={v}", _one_line(c)) for k, v, c in yaml_options(file)])
+            continue
+        choices = sorted(p.stem for p in (conf / group).glob("*.yaml") if not p.stem.startswith("_"))
+        text = _one_line(comment) if comment else ""
+        groups.append((f"{group}={option}", (text + "; " if text else "") + "choices: " + ", ".join(choices)))
+    if groups:
+        lines += ["", "Config groups (group=choice; then group.key=value sets one of its values):"] + _rows(groups)
+    lines += ["", f"`{prog} --cfg job` prints the composed config; -m runs a sweep; --hydra-help: Hydra's own flags."]
+    return "\n".join(lines)
