@@ -37,7 +37,7 @@ from agecls.eval import load_checkpoint
 from agecls.intervals import DEFAULT_COVERAGE
 from agecls.models.module import AgeRegressor, ClippedAgeNet
 from agecls.utils.checks import ConfigValueError, check_number
-from agecls.utils.hydra_utils import config_dir
+from agecls.utils.hydra_utils import config_dir, entry_point
 from agecls.utils.safe_output import atomic_write, check_output
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,7 @@ def export_checked(cfg: DictConfig) -> Path:
     return output
 
 
+@entry_point
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="export")
 def main(cfg: DictConfig) -> None:
     export_checked(cfg)
