@@ -47,7 +47,7 @@ from agecls.data.feature_cache import FeatureDataset
 from agecls.data.pipelines import Pipeline
 from agecls.data.samplers import EpochSampler
 from agecls.models.module import AgeRegressor
-from agecls.utils.hydra_utils import config_dir, to_dict
+from agecls.utils.hydra_utils import config_dir, entry_point, to_dict
 from agecls.utils.malloc import keep_freed_memory, malloc_tuned
 
 log = logging.getLogger(__name__)
@@ -381,6 +381,7 @@ def write_csv(table: pd.DataFrame, output: Path, append: bool) -> Path:
     return output
 
 
+@entry_point
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="bench")
 def main(cfg: DictConfig) -> pd.DataFrame:
     keep_freed_memory(bool(cfg.get("tune_malloc", True)))
