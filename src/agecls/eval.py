@@ -24,7 +24,13 @@ from agecls.utils import outputs, provenance
 from agecls.utils.checkpoint import read_checkpoint
 from agecls.utils.checks import check_number, check_tta
 from agecls.utils.files import keep_previous
-from agecls.utils.hydra_utils import EVAL_SUMMARY, config_dir, progress_bar_enabled, summary_line
+from agecls.utils.hydra_utils import (
+    EVAL_SUMMARY,
+    config_dir,
+    entry_point,
+    progress_bar_enabled,
+    summary_line,
+)
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+@entry_point
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
