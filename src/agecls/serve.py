@@ -56,7 +56,7 @@ from agecls.model_card import (
     run_dir_of,
 )
 from agecls.predict import FACES, CheckpointAges, OnnxAges, load_model, predict_image
-from agecls.utils.hydra_utils import config_dir
+from agecls.utils.hydra_utils import config_dir, entry_point
 
 # Read by gradio when it runs (it is imported only where the page is built): no telemetry, no
 # version check, no look-ups on the hub.
@@ -345,6 +345,7 @@ def build_ui(server: AgeServer) -> Any:
 
 
 # ------------------------------------------------------------------------------------- command
+@entry_point
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="serve")
 def main(cfg: DictConfig) -> None:
     import uvicorn
