@@ -21,7 +21,6 @@ import agecls.train as train_module
 from agecls.model_card import write_model_card
 from agecls.models.backbones import PretrainedWeightsError
 from agecls.report import report
-from agecls.utils.callbacks import RichEpochProgressBar, TQDMEpochProgressBar, epoch_progress_bar
 from agecls.utils.checks import ConfigValueError
 from agecls.utils.hydra_utils import to_dict
 from tests.conftest import REPO
@@ -141,6 +140,12 @@ def test_model_card_says_where_weights_and_faces_came_from_and_names_no_folder(t
 
 # ------------------------------------------------------------------------------ progress bar
 def test_the_progress_bar_counts_epochs_from_one() -> None:
+    from agecls.utils.callbacks import (
+        RichEpochProgressBar,
+        TQDMEpochProgressBar,
+        epoch_progress_bar,
+    )
+
     trainer = SimpleNamespace(current_epoch=0, max_epochs=3)
     rich = RichEpochProgressBar()
     rich._trainer = trainer

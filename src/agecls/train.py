@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from agecls.data.datamodule import describe_data
 from agecls.data.feature_cache import weights_digest
 from agecls.data.sources import Source
 from agecls.model_card import write_model_card
@@ -265,8 +266,7 @@ def main(cfg: DictConfig) -> float | None:
     # One line of key choices; the whole resolved config is in <run dir>/.hydra/config.yaml
     # (`python -m agecls.train --cfg job` prints it).
     check_train_config(cfg)
-    # TODO(data): the data set in words as the first console line, once agecls.data.describe exists:
-    # log.info("Data: %s", describe(cfg.data))
+    log.info("%s", describe_data(cfg.data))  # the data set in words: "data: UTKFace, 20,709 faces from ..."
     log.info("Run: %s", train_summary(cfg))
     metrics = train(cfg)
     name = cfg.get("optimized_metric")
