@@ -14,6 +14,7 @@ from PIL import Image
 
 from agecls.data.align import add_alignment, upright_box
 from agecls.data.images import load_rgb
+from agecls.estimator import FaceOptions, image_faces
 from agecls.faces import (
     DEFAULT_DETECTOR,
     Face,
@@ -24,7 +25,6 @@ from agecls.faces import (
     similarity_transform,
     transform_points,
 )
-from agecls.estimator import FaceOptions, image_faces
 from agecls.predict import predict
 from agecls.train import train
 from tests.conftest import SYNTHETIC, TINY, compose_cfg, utkface_dir

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
 import socket
 import struct
@@ -67,8 +68,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(trained: dict) -> AgeServer:
-    cfg = compose_cfg([f"ckpt_path={trained['ckpt']}", "device=cpu"], trained["base"] / "serve", "serve")
+def examples(trained: dict) -> Path:
+    """The folder of example photos the page is started with: the two-face photo."""
+    folder = trained["base"] / "examples"
+    folder.mkdir(exist_ok=True)
+    _two_faces()[0].save(folder / "two people.jpg", quality=95)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(trained: dict, examples: Path) -> AgeServer:
+    cfg = compose_cfg([f"ckpt_path={trained['ckpt']}", "device=cpu", f"examples={examples}"], trained["base"] / "serve",
+                      "serve")
     return AgeServer.from_config(cfg)
 
 
@@ -125,19 +136,22 @@ def test_api_boxes_every_face_with_the_age_agecls_predict_gives(client, server, 
     body = res.json()
     assert body["status"] == "ok" and body["image_size"] == [700, 400]
     faces = body["faces"]
-    assert len(faces) == 2 and all(set(f) == {"box", "score", "age"} for f in faces)
+    assert len(faces) == 2 and all(set(f) == {"box", "landmarks", "score", "age", "predicted_low", "predicted_high"}
+                                   for f in faces)
     assert _inside(faces[0]["box"], pasted[0]) and _inside(faces[1]["box"], pasted[1])  # largest first
-    lo, hi = serve.age_range(server.model)
+    lo, hi = server.estimator.age_range
     assert all(lo <= f["age"] <= hi and math.isfinite(f["score"]) for f in faces)
+    assert all(f["predicted_low"] <= f["age"] <= f["predicted_high"] for f in faces)
+    assert body["coverage"] == 0.9 and all(len(f["landmarks"]) == 5 for f in faces)
 
-    # one copy of the logic: the same rows as `agecls.predict detect_faces=true` on the same file
+    # one copy of the logic: the same rows as `agecls.predict` (its defaults) on the same file
     (tmp_path / "two.jpg").write_bytes(data)
     cfg = compose_cfg([f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'two.jpg'}", "num_workers=0",
-                       "detect_faces=true", "device=cpu", f"detector={server.detector_name}",
-                       f"face_margin={server.margin}"], tmp_path / "p", "predict")
+                       "device=cpu"], tmp_path / "p", "predict")
     table = predict(cfg)
     assert [list(r) for r in table[["x0", "y0", "x1", "y1"]].to_numpy()] == [f["box"] for f in faces]
-    assert np.allclose(table["predicted"], [f["age"] for f in faces], atol=0.011)
+    for col, key in (("predicted", "age"), ("predicted_low", "predicted_low"), ("predicted_high", "predicted_high")):
+        assert np.allclose(table[col], [f[key] for f in faces], atol=0.011), col
 
     # EXIF: the same pixels stored on their side with orientation 6 give the same faces and ages
     exif = Image.Exif()
@@ -151,13 +165,14 @@ def test_api_boxes_every_face_with_the_age_agecls_predict_gives(client, server, 
 def test_api_photo_without_a_face(client) -> None:
     res = _post(client, _encode(Image.new("RGB", (320, 240), (90, 90, 90))))
     assert res.status_code == 200
-    assert res.json() == {"faces": [], "status": "no_face", "image_size": [320, 240]}
+    assert res.json() == {"faces": [], "status": "no_face", "coverage": 0.9, "image_size": [320, 240]}
 
 
 def test_health_and_model_card_routes(client, server) -> None:
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["status"] == "ok"
-    assert health.json()["age_range"] == list(serve.age_range(server.model))
+    assert health.json()["age_range"] == list(server.estimator.age_range)
+    assert health.json()["detector"] == "mtcnn" and health.json()["calibrated"] is True
     card = client.get("/api/model_card")
     assert card.status_code == 200 and card.text == server.card and "# Model card" in card.text
     page = client.get("/")
@@ -191,7 +206,7 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_goes_on(client, case) -> Non
 
 
 def test_limits_are_the_configured_ones_and_pixels_are_checked_before_decoding(server, monkeypatch) -> None:
-    small = AgeServer(server.model, server.detector, max_upload_mb=0.05, max_pixels=100_000, card="card")
+    small = AgeServer(server.estimator, max_upload_mb=0.05, max_pixels=100_000, card="card")
     client = TestClient(create_app(small, ui=False))
     decoded: list[object] = []
     real = serve.decode_rgb
@@ -209,6 +224,85 @@ def test_limits_are_the_configured_ones_and_pixels_are_checked_before_decoding(s
     res = client.post("/api/predict", content=chunks, headers={"content-type": "multipart/form-data; boundary=x"})
     assert res.status_code == 413
     assert client.get("/health").status_code == 200
+
+
+# ------------------------------------------------------------------------- only what was uploaded
+def _secret(tmp_path: Path) -> tuple[Path, bytes]:
+    """A server-side photo no client uploaded, carrying a marker in its bytes."""
+    path = tmp_path / "server-side.png"
+    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info.add_text("comment", "SERVER-SIDE-SECRET-7f3a")
+    _two_faces()[0].save(path, "PNG", pnginfo=info)
+    return path, b"SERVER-SIDE-SECRET-7f3a"
+
+
+def _file_data(path: str) -> dict:
+    return {"path": path, "meta": {"_type": "gradio.FileData"}}
+
+
+def test_the_page_reads_and_serves_only_uploaded_files(client, server, tmp_path) -> None:
+    secret, marker = _secret(tmp_path)
+    data = secret.read_bytes()
+    # the issue's request: the page's API called with a server-side path
+    for call in (f"/gradio_api/call/{name}" for name in ("show", "run")):
+        res = client.post(call, json={"data": [_file_data(str(secret))]})
+        assert 400 <= res.status_code < 500, (call, res.status_code, res.text[:200])
+        assert marker not in res.content and data[:64] not in res.content
+    # the same through the queue, and as a URL of Gradio's file route
+    res = client.post("/gradio_api/queue/join", json={"data": [_file_data(str(secret))], "fn_index": 0,
+                                                      "session_hash": "x1"})
+    assert res.status_code == 403 and marker not in res.content
+    url = {"path": "x.png", "url": f"http://testserver/gradio_api/file={secret}", "meta": {"_type": "gradio.FileData"}}
+    assert client.post("/gradio_api/call/show", json={"data": [url]}).status_code == 403
+    # Gradio's file route serves no file that was not uploaded
+    for route in (f"/gradio_api/file={secret}", f"/file={secret}", "/gradio_api/file=/etc/passwd"):
+        res = client.get(route)
+        assert res.status_code == 403 and marker not in res.content and b"root:" not in res.content, route
+
+    # an upload through the page's own route is read, and its result served
+    up = client.post("/gradio_api/upload", files={"files": ("mine.png", data, "image/png")})
+    assert up.status_code == 200, up.text
+    [uploaded] = up.json()
+    assert server.is_uploaded(uploaded) and Path(uploaded).resolve().is_relative_to(server.upload_dir.resolve())
+    res = client.post("/gradio_api/call/show", json={"data": [_file_data(uploaded)]})
+    assert res.status_code == 200 and "event_id" in res.json()
+    assert client.get(f"/gradio_api/file={uploaded}").content == data
+
+
+def test_decoding_is_bounded_and_health_answers_meanwhile(server, monkeypatch) -> None:
+    """Four uploads at once: at most max_decodes are decoded together; /health answers at once."""
+    client = TestClient(create_app(server, ui=False))
+    active, peak, lock, release = [0], [0], threading.Lock(), threading.Event()
+    real = serve.decode_upload
+
+    def slow(data: bytes, max_bytes: int, max_pixels: int):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        release.wait(20)
+        with lock:
+            active[0] -= 1
+        return real(data, max_bytes, max_pixels)
+
+    monkeypatch.setattr(serve, "decode_upload", slow)
+    photo = _encode(Image.new("RGB", (64, 64)), "PNG")
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda: codes.append(_post(client, photo, "a.png", "image/png").status_code))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while peak[0] < server.max_decodes and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # the other two are waiting for a slot, not decoding
+    t0 = time.monotonic()
+    assert client.get("/health").status_code == 200
+    assert time.monotonic() - t0 < 2.0
+    assert active[0] == server.max_decodes == 2
+    release.set()
+    for t in threads:
+        t.join(60)
+    assert codes == [200] * 4 and peak[0] == 2
 
 
 # ----------------------------------------------------------------------------------- model card
@@ -240,7 +334,7 @@ def test_the_page_shows_the_runs_model_card_or_renders_one(trained, server, tmp_
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(trained["ckpt"], run / "checkpoints" / "best.ckpt")
     (run / "MODEL_CARD.md").write_text("# The card this run wrote\n\nMAE 4.2 years.\n")
-    assert serve.model_card(run / "checkpoints" / "best.ckpt", server.model) == "# The card this run wrote\n\nMAE 4.2 years.\n"
+    assert serve.model_card(run / "checkpoints" / "best.ckpt", server.estimator) == "# The card this run wrote\n\nMAE 4.2 years.\n"
 
 
 # -------------------------------------------------------------------------------------- browser
@@ -264,16 +358,38 @@ def live(server: AgeServer):
     thread.join(10)
 
 
-def test_page_in_headless_chromium_boxes_every_face_with_its_age(live, server, tmp_path) -> None:
+# The colours' sampled pixels: on each box's outline (left and right edges, halfway down) and in its
+# label's filled tag (just above the box's top-left corner, or below the box where there is no room).
+_PIXELS_JS = """(img, points) => {
+    const c = document.createElement('canvas');
+    c.width = img.naturalWidth; c.height = img.naturalHeight;
+    const g = c.getContext('2d');
+    g.drawImage(img, 0, 0);
+    return points.map(([x, y]) => Array.from(g.getImageData(x, y, 1, 1).data.slice(0, 3)));
+}"""
+
+
+def _face_points(box: list[int], height: int) -> dict[str, list[int]]:
+    x0, y0, x1, y1 = box
+    mid = (y0 + y1) // 2
+    tag_y = y0 - 4 if y0 > 30 else min(y1 + 4, height - 1)
+    return {"left edge": [x0 + 1, mid], "right edge": [x1 - 2, mid], "label": [x0 + 2, tag_y]}
+
+
+def test_page_in_headless_chromium_outlines_and_labels_every_face(live, server, examples, tmp_path) -> None:
     if not CHROMIUM.exists():
         pytest.skip("Debian's Chromium is missing: apt-get install chromium (.ci/run does)")
     from playwright.sync_api import sync_playwright
+
+    from agecls.estimator import COLOURS
 
     photo, _ = _two_faces()
     photo.save(tmp_path / "two people.jpg", quality=95)
     want = server.predict(Image.open(tmp_path / "two people.jpg").convert("RGB"))
     assert want["status"] == "ok" and len(want["faces"]) == 2
     requests: list[str] = []
+    shots = Path(os.environ.get("AGECLS_SCREENSHOT_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -281,25 +397,40 @@ def test_page_in_headless_chromium_boxes_every_face_with_its_age(live, server, t
         try:
             page = browser.new_page(viewport={"width": 1200, "height": 1000})
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(live + "/", wait_until="networkidle", timeout=60_000)
-            # the model card is on the page before any photo
+            page.goto(live + "/", wait_until="load", timeout=60_000)  # not networkidle: Gradio keeps a heartbeat open
+            # the model card is on the page before any photo, with no absolute path in it
             card = page.locator("#model-card")
             card.get_by_text("Model card").first.wait_for(timeout=30_000)
-            assert "Known limits" in card.inner_text() and "Backbone" in card.inner_text()
+            text = card.inner_text()
+            assert "Known limits" in text and "Backbone" in text
+            assert str(server.estimator.name) in text or "epoch_" in text
+            assert "/tmp/" not in text and str(Path.home()) + "/" not in text
 
             page.locator("#photo input[type=file]").set_input_files(str(tmp_path / "two people.jpg"))
             page.locator("#summary table").wait_for(timeout=60_000)
             summary = page.locator("#summary").inner_text()
-            assert "2 faces" in summary
-            legend = page.locator("#result .legend-item").all_inner_texts()
-            assert legend == [f"face {k}: {f['age']:.1f} years" for k, f in enumerate(want["faces"], 1)]
+            assert "2 faces" in summary and "90 % interval" in summary
             for face in want["faces"]:
                 assert f"{face['age']:.1f}" in summary and ", ".join(map(str, face["box"])) in summary
-            # the photo and one box per face, drawn over it
-            page.locator("#result img.base-image").wait_for(timeout=30_000)
-            assert page.locator("#result img.mask").count() == 2
-            assert page.locator("#result img.base-image").evaluate("i => i.complete && i.naturalWidth") == 700
-            page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+                assert f"{face['predicted_low']:.0f} to {face['predicted_high']:.0f}" in summary
+            # the photo itself, each face outlined in its colour with its label on a tag of that colour
+            img = page.locator("#result img").first
+            img.wait_for(timeout=30_000)
+            page.wait_for_function("i => i.complete && i.naturalWidth > 0", arg=img.element_handle(), timeout=30_000)
+            assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [700, 400]
+            for k, face in enumerate(want["faces"]):
+                points = _face_points(face["box"], 400)
+                got = img.evaluate(_PIXELS_JS, list(points.values()))
+                for (where, _), rgb in zip(points.items(), got, strict=True):
+                    assert np.abs(np.array(rgb) - COLOURS[k]).max() <= 40, (k, where, rgb, COLOURS[k])
+            page.screenshot(path=str(shots / "serve-page.png"), full_page=True)
+
+            # an example photo, clicked, gives the same faces
+            page.locator("#photo button[aria-label='Clear']").click()
+            page.get_by_text("No face found").or_(page.locator("#summary")).first.wait_for(timeout=10_000)
+            page.locator("#examples").get_by_text("two people.jpg").first.click()
+            page.locator("#summary table").wait_for(timeout=60_000)
+            assert "2 faces" in page.locator("#summary").inner_text()
 
             # a photo without a face says so
             Image.new("RGB", (300, 200), (90, 90, 90)).save(tmp_path / "wall.jpg")
@@ -313,6 +444,7 @@ def test_page_in_headless_chromium_boxes_every_face_with_its_age(live, server, t
             page.locator(".toast-body").get_by_text("not an image this server reads").wait_for(timeout=60_000)
         finally:
             browser.close()
+    assert (shots / "serve-page.png").stat().st_size > 10_000
     assert requests, "the page made no request"
     outside = [u for u in requests if not u.startswith(("data:", "blob:")) and urlsplit(u).hostname != "127.0.0.1"]
     assert not outside, f"the page fetched from outside: {outside}"
