@@ -383,6 +383,11 @@ def _is_global_package(path: Path) -> bool:
     return False
 
 
+def _option_rows(options: list[tuple[str, str, str]]) -> list[str]:
+    return _rows([(f"{k}={v}", ("required" + ("; " if c else "") if v == "???" else "") + _one_line(c))
+                  for k, v, c in options])
+
+
 def _rows(rows: list[tuple[str, str]]) -> list[str]:
     width = min(30, max((len(a) for a, _ in rows), default=0))
     return [f"  {a:<{width}}  {b}".rstrip() if len(a) <= width else f"  {a}\n  {'':<{width}}  {b}".rstrip()
@@ -399,7 +404,7 @@ def command_help(config_name: str, prog: str, doc: str | None = None, conf: str 
     if doc:
         lines += [doc.strip().split("\n\n")[0].strip(), ""]
     lines += [f"Options (conf/{config_name}.yaml; key=default):"]
-    lines += _rows([(f"{k}={v}", _one_line(c)) for k, v, c in yaml_options(path)])
+    lines += _option_rows(yaml_options(path))
     groups = []
     for group, option, comment in _defaults(path):
         if group in ("hydra",):
@@ -407,12 +412,15 @@ def command_help(config_name: str, prog: str, doc: str | None = None, conf: str 
         file = conf / group / f"{option}.yaml"
         if option != "null" and file.is_file() and _is_global_package(file):
             lines += ["", f"Options from conf/{group}/{option}.yaml:"]
-            lines += _rows([(f"{k}={v}", _one_line(c)) for k, v, c in yaml_options(file)])
+            lines += _option_rows(yaml_options(file))
             continue
         choices = sorted(p.stem for p in (conf / group).glob("*.yaml") if not p.stem.startswith("_"))
+        if len(choices) <= 1 and not comment:  # nothing to choose (paths=default)
+            continue
         text = _one_line(comment) if comment else ""
         groups.append((f"{group}={option}", (text + "; " if text else "") + "choices: " + ", ".join(choices)))
     if groups:
         lines += ["", "Config groups (group=choice; then group.key=value sets one of its values):"] + _rows(groups)
-    lines += ["", f"`{prog} --cfg job` prints the composed config; -m runs a sweep; --hydra-help: Hydra's own flags."]
+    sweep = "; -m runs a sweep (key=a,b,...)" if config_name == "train" else ""
+    lines += ["", f"`{prog} --cfg job` prints the composed config{sweep}; --hydra-help: Hydra's own flags."]
     return "\n".join(lines)
