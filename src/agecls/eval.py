@@ -65,6 +65,7 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
     if cfg.eval.split != "all":
         # exactly the images the checkpoint was tested (or trained, validated) on, checked by content
         membership = (ckpt.get(AgeDataModule.__qualname__) or {}).get("split_membership")
+        allow_changed = bool(cfg.eval.get("allow_changed", False))
         if membership:
             datamodule.use_saved_split(membership, cfg.eval.split, allow_changed=allow_changed)
         elif allow_changed:
@@ -81,7 +82,6 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
                 f"tested on cannot be told apart from others. Evaluating would rebuild the split from the data and "
                 f"data.split_seed, perhaps a different set:{hint} or add eval.allow_changed=true to evaluate the "
                 "rebuilt split anyway (with a warning), or eval.split=all for every image.")
-        allow_changed = bool(cfg.eval.get("allow_changed", False))
     return datamodule
 
 
