@@ -229,7 +229,10 @@ def error_paragraph(err: BaseException, prog: str) -> str:
 
 
 def _prog(task: Callable[..., Any]) -> str:
-    """`python -m agecls.<name>` of an entry point (its module's name also under `python -m`)."""
+    """How the command was called: its console script (agecls-train), else `python -m agecls.<name>`."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if script.startswith("agecls-"):
+        return script
     module = sys.modules.get(task.__module__)
     spec = getattr(module, "__spec__", None)
     name = spec.name if spec is not None and spec.name != "__main__" else task.__module__
@@ -272,6 +275,9 @@ def entry_point(main: Callable[..., Any]) -> Callable[..., Any]:
     command's own options (command_help) and exits 0; agecls's own errors print one paragraph and
     exit 2 (report_user_errors). A `main` without @hydra.main (a plain `main(argv)`) gets the error
     handling only. Called with a config, `main(cfg)` runs the task directly, as Hydra's does."""
+    # @hydra.main catches whatever its task raises and prints a traceback before our code could see
+    # it; so the task (its __wrapped__) is guarded and put under a new hydra.main with the same
+    # config_path and config_name (read from the closure of the one below this decorator).
     hydra_args = inspect.getclosurevars(main).nonlocals if hasattr(main, "__wrapped__") else {}
     if "config_name" not in hydra_args:
         return report_user_errors(main)
