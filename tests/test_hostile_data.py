@@ -90,6 +90,10 @@ def test_eval_refuses_a_checkpoint_that_records_no_membership_unless_asked(tmp_p
                                                  splits=[0.34, 0.33, 0.33])}
     with pytest.raises(SplitMembershipError, match=r"does not record which images.*eval\.allow_changed=true"):
         build_datamodule(_eval_cfg(tmp_path, False), model, ckpt, tmp_path / "out")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "split.csv").write_text("path,age,split\n")  # the run's own record: named as the way out
+    with pytest.raises(SplitMembershipError, match=re.escape(f"data.split_file={tmp_path / 'run' / 'split.csv'}")):
+        build_datamodule(_eval_cfg(tmp_path, False), model, ckpt, tmp_path / "out")
     # asked for: rebuilt from the seed, with a warning naming it
     dm = build_datamodule(_eval_cfg(tmp_path, True), model, ckpt, tmp_path / "out")
     assert isinstance(dm, AgeDataModule)
@@ -141,8 +145,14 @@ def test_csv_paths_that_lead_outside_its_folder_are_refused_unless_allowed(tmp_p
 @pytest.mark.timeout(60)  # a FIFO that is opened blocks forever
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
 def test_fifos_folders_broken_links_and_gifs_are_counted_never_read(tmp_path: Path, caplog) -> None:
-    from agecls.data.images import (check_image, is_regular_image_file, load_rgb, open_regular, regular_file_problem,
-                                    scan_images)
+    from agecls.data.images import (
+        check_image,
+        is_regular_image_file,
+        load_rgb,
+        open_regular,
+        regular_file_problem,
+        scan_images,
+    )
 
     root = tmp_path / "faces"
     names = _utk_folder(root, n=9)

@@ -74,14 +74,14 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
                         "if the data or the split method changed since", cfg.ckpt_path, cfg.eval.split)
         else:
             split_csv = Path(cfg.ckpt_path).resolve().parent.parent / "split.csv"
-            hint = (f" the run's split.csv ({split_csv}) lists it: give data=<its data> data.root=... "
-                    f"data.split_file={split_csv};" if split_csv.is_file() else "")
+            hint = (f"The run's split.csv lists the split: give data=<its data> data.root=<its folder> "
+                    f"data.split_file={split_csv}. " if split_csv.is_file() else "")
             raise SplitMembershipError(
                 f"{cfg.ckpt_path} does not record which images were in its {cfg.eval.split} split (a checkpoint of an "
                 "agecls before split membership was recorded, or one whose state was removed), so the images it was "
-                f"tested on cannot be told apart from others. Evaluating would rebuild the split from the data and "
-                f"data.split_seed, perhaps a different set:{hint} or add eval.allow_changed=true to evaluate the "
-                "rebuilt split anyway (with a warning), or eval.split=all for every image.")
+                "tested on cannot be told apart from others: evaluating would rebuild the split from the data and "
+                f"data.split_seed, perhaps a different set. {hint}Add eval.allow_changed=true to evaluate the rebuilt "
+                "split anyway (with a warning), or eval.split=all for every image.")
     return datamodule
 
 
