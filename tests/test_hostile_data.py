@@ -141,6 +141,25 @@ def test_csv_paths_that_lead_outside_its_folder_are_refused_unless_allowed(tmp_p
         _dm(tmp_path, sub / "labels.csv", source="csv", allow_outside_root="yes")
 
 
+def test_an_imdb_wiki_full_path_that_leads_outside_root_is_refused(tmp_path: Path) -> None:
+    import scipy.io
+
+    root = tmp_path / "wiki_crop"
+    names = [f"00/ok_{i}.jpg" for i in range(6)] + ["../../private.jpg"]
+    for i, name in enumerate(names[:-1]):
+        _face(root / name, seed=i)
+    _face(tmp_path / "private.jpg", seed=99)
+    n = len(names)
+    cells = np.empty((1, n), dtype=object)
+    for i, name in enumerate(names):
+        cells[0, i] = np.array([name])
+    struct = {"full_path": cells, "dob": np.full((1, n), 723_000.0), "photo_taken": np.full((1, n), 2010.0),
+              "face_score": np.full((1, n), 3.0), "second_face_score": np.full((1, n), np.nan)}
+    scipy.io.savemat(root / "wiki.mat", {"wiki": struct})
+    with pytest.raises(ConfigValueError, match=r"wiki\.mat'?: 1 of its 7 paths lead outside.*allow_outside_root=true"):
+        _dm(tmp_path, root, source="imdb_wiki", subset="wiki").prepare_data()
+
+
 # ------------------------------------------- 18.6 FIFOs, folders, broken links, .gif: counted
 @pytest.mark.timeout(60)  # a FIFO that is opened blocks forever
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")

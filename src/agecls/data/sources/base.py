@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from agecls.utils.checks import fail
 
 # Columns a source may fill; `path` and `age` always, the rest where the data set knows them.
 RECORD_COLUMNS = [
@@ -89,3 +92,24 @@ class Source:
 
 def empty_float(n: int) -> np.ndarray:
     return np.full(n, np.nan, dtype=float)
+
+
+def paths_outside(paths: list[str], base: Path) -> list[str]:
+    """The `paths` (relative to `base`, or absolute) that lead outside the folder `base`, as written:
+    `../x.jpg`, `a/../../x.jpg`, `/etc/x.jpg`. Judged on the names (no file is touched)."""
+    top = os.path.normpath(os.path.abspath(base))
+    prefix = top.rstrip(os.sep) + os.sep
+    return [p for p in paths if not os.path.normpath(os.path.join(top, p)).startswith(prefix)]
+
+
+def check_inside(paths: list[str], base: Path, allow_outside_root: bool, listed_in: str) -> None:
+    """Refuse (ConfigValueError) a list of image paths that lead outside `base` (paths_outside),
+    unless data.allow_outside_root=true: a data set's metadata (`listed_in`) reads only its own folder."""
+    if not isinstance(allow_outside_root, bool):
+        fail("data.allow_outside_root", allow_outside_root, "must be true or false")
+    away = paths_outside(paths, base)
+    if away and not allow_outside_root:
+        shown = ", ".join(repr(p) for p in away[:3]) + (", ..." if len(away) > 3 else "")
+        fail("data.root", str(listed_in), f"{len(away):,} of its {len(paths):,} paths lead outside {base} ({shown}); "
+                                          "a data set reads only images in or below its own folder. Move the images "
+                                          "there, or add data.allow_outside_root=true if these files are meant to be read")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from agecls.data.sources.base import GROUP_COLUMNS, Source, SourceRecords
-from agecls.utils.checks import fail
+from agecls.data.sources.base import GROUP_COLUMNS, Source, SourceRecords, check_inside
 
 
 def age_from_dates(dob: pd.Series, taken: pd.Series) -> pd.Series:
@@ -21,14 +19,6 @@ def age_from_dates(dob: pd.Series, taken: pd.Series) -> pd.Series:
     return (years - before_birthday.astype(float)).astype(float)
 
 
-def outside(paths: list[str], base: Path) -> list[str]:
-    """The `paths` (relative to `base`, or absolute) that lead outside the folder `base`, as written:
-    `../x.jpg`, `a/../../x.jpg`, `/etc/x.jpg`. Judged on the names (no file is touched)."""
-    top = os.path.normpath(os.path.abspath(base))
-    prefix = top.rstrip(os.sep) + os.sep
-    return [p for p in paths if not os.path.normpath(os.path.join(top, p)).startswith(prefix)]
-
-
 class CSVSource(Source):
     name = "csv"
     title = "CSV"
@@ -36,8 +26,7 @@ class CSVSource(Source):
 
     def __init__(self, root: str | Path, allow_outside_root: bool = False) -> None:
         super().__init__(root)
-        if not isinstance(allow_outside_root, bool):
-            fail("data.allow_outside_root", allow_outside_root, "must be true or false")
+        check_inside([], self.root.parent, allow_outside_root, str(self.root))  # the option's value, now
         self.allow_outside_root = allow_outside_root
 
     def describe(self) -> str:
@@ -58,13 +47,7 @@ class CSVSource(Source):
             raise ValueError(f"{self.root}: no `path` column (columns: {', '.join(table.columns)})")
         base = self.root.parent
         names = [str(p) for p in table["path"]]
-        away = outside(names, base)
-        if away and not self.allow_outside_root:
-            shown = ", ".join(repr(p) for p in away[:3]) + (", ..." if len(away) > 3 else "")
-            fail("data.root", str(self.root), f"{len(away):,} of its {len(names):,} paths lead outside the CSV's folder "
-                                              f"{base} ({shown}); a CSV reads only images in or below its own folder. "
-                                              "Move the images there, or add data.allow_outside_root=true if these "
-                                              "files are meant to be read")
+        check_inside(names, base, self.allow_outside_root, str(self.root))
         out = pd.DataFrame({"path": [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in names]})
         if "age" in table.columns:
             out["age"] = pd.to_numeric(table["age"], errors="coerce")

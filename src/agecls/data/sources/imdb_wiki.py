@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from agecls.data.download import download, extract_tar
-from agecls.data.sources.base import Source, SourceRecords
+from agecls.data.sources.base import Source, SourceRecords, check_inside
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,11 @@ class IMDBWikiSource(Source):
         download: bool = False,
         download_url: str | None = None,
         download_sha256: str | None = None,
+        allow_outside_root: bool = False,
     ) -> None:
         super().__init__(root)
+        check_inside([], self.root, allow_outside_root, str(self.root))  # the option's value, now
+        self.allow_outside_root = allow_outside_root
         if subset not in URLS:
             raise ValueError(f"data.subset={subset!r}; choose wiki or imdb")
         self.subset = subset
@@ -125,6 +128,7 @@ class IMDBWikiSource(Source):
             raise ValueError(f"{self.mat_file} has no '{self.subset}' struct (keys: {[k for k in meta if not k.startswith('__')]})")
         s = meta[self.subset][0, 0]
         paths = _cell_strings(s["full_path"])
+        check_inside(paths, self.root, self.allow_outside_root, str(self.mat_file))  # a full_path of ../x.jpg
         n = len(paths)
         dob = _vector(s, "dob", n)
         taken = _vector(s, "photo_taken", n)
