@@ -251,6 +251,8 @@ def test_synthetic_data_is_never_written_into_a_folder_of_photos(tmp_path: Path,
     assert re.match(r"data: 120 generated \(synthetic\) faces in .*; not real photos$", synthetic)
     assert str(Path(make_cfg().paths.cache_dir)) in synthetic
     assert describe_data(make_cfg("data=utkface", f"data.root={photos}").data) == f"data: UTKFace, 5 faces from {photos}"
+    with pytest.raises(ConfigValueError, match=r"data\.root='\?\?\?': is required with data=csv"):
+        describe_data(make_cfg("data=csv").data)
     dm = _dm(tmp_path, tmp_path / "synthetic", source="synthetic", num_samples=12)  # its own folder: reused
     assert len(dm.records) == 12
     assert len(_dm(tmp_path, tmp_path / "synthetic", source="synthetic", num_samples=12).records) == 12

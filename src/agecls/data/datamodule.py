@@ -42,7 +42,7 @@ from agecls.data.splits import (
     relative_paths,
 )
 from agecls.data.transforms import DEFAULT_CROP_PCT
-from agecls.utils.checks import check_data_options
+from agecls.utils.checks import check_data_options, fail
 from agecls.utils.files import write_bytes_keeping_previous
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,10 @@ def describe_data(cfg_data: Mapping[str, Any]) -> str:
     <cache dir>/synthetic/...; not real photos". Cheap (a folder listing at most). Raises
     ConfigValueError where the config cannot work (a synthetic data.root that holds photos)."""
     if OmegaConf.is_config(cfg_data):
-        cfg_data = OmegaConf.to_container(cfg_data, resolve=True)
+        cfg_data = OmegaConf.to_container(cfg_data, resolve=True, throw_on_missing=False)
+    if cfg_data.get("root") in (None, "???", ""):
+        fail("data.root", cfg_data.get("root"), f"is required with data={cfg_data.get('source')}: give "
+                                                "data.root=<the data set's folder, or the CSV file for data=csv>")
     own = set(inspect.signature(AgeDataModule.__init__).parameters)
     options = {k: v for k, v in cfg_data.items() if k not in own and k != "_target_"}
     return source_for(str(cfg_data["source"]), str(cfg_data["root"]), cfg_data.get("split_seed", 0), options).describe()
