@@ -27,7 +27,7 @@ from agecls.eval import build_datamodule, load_checkpoint
 from agecls.intervals import CHECKPOINT_KEY, LEVELS, Calibration
 from agecls.models.module import AgeRegressor
 from agecls.utils.checks import ConfigValueError, check_number, check_tta
-from agecls.utils.hydra_utils import config_dir
+from agecls.utils.hydra_utils import config_dir, entry_point
 from agecls.utils.progress import progress
 from agecls.utils.safe_output import atomic_write, check_output
 
@@ -95,6 +95,7 @@ def run(cfg: DictConfig) -> Path:
     return output
 
 
+@entry_point
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="calibrate")
 def main(cfg: DictConfig) -> None:
     run(cfg)

@@ -181,6 +181,11 @@ def summary(table: pd.DataFrame, show: int) -> str:
 @entry_point
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="predict")
 def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def run(cfg: DictConfig) -> pd.DataFrame:
+    """agecls.predict: the output and annotation folder checked, then predict, write, summarise."""
     output = output_path(cfg)  # before any work
     annotate = annotate_folder(cfg)
     table = predict(cfg, annotate=annotate)
@@ -194,6 +199,7 @@ def main(cfg: DictConfig) -> None:
     if "age" in table.columns and len(first):
         mae = float((first["predicted"] - first["age"]).abs().mean())
         log.info("MAE against the input's ages (largest face of %d images): %.2f years", len(first), mae)
+    return table
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ output=`, annotated copies) goes through these two functions:
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,29 +38,28 @@ def check_output(path: str | Path, *, key: str = "output", suffixes: Sequence[st
     shown = f"{key}={str(path)!r}"
     if str(path).endswith(("/", os.sep)) or out.is_dir():
         raise ConfigValueError(f"{shown} is a folder; name a file in it, e.g. {key}={str(out / ('out' + (suffixes[0] if suffixes else '')))!r}")
-    if suffixes and out.suffix.lower() not in suffixes:
-        raise ConfigValueError(f"{shown}: this command writes {' or '.join(suffixes)} files; "
-                               f"name one, e.g. {key}={str(out.with_suffix(suffixes[0]))!r}")
     for source in inputs:
         src = Path(source).expanduser()
         if _same_file(out, src) or out.resolve() == src.resolve():
             raise ConfigValueError(f"{shown} is this command's own input {str(source)!r}: it would be replaced; "
                                    f"name another output file")
+    if suffixes and out.suffix.lower() not in suffixes:
+        raise ConfigValueError(f"{shown}: this command writes {' or '.join(suffixes)} files; "
+                               f"name one, e.g. {key}={str(out.with_suffix(suffixes[0]))!r}")
     if out.exists() or out.is_symlink():
         if not overwrite:
             raise ConfigValueError(f"{shown} exists; name another file, or add overwrite=true to replace it")
         if not out.is_file():
             raise ConfigValueError(f"{shown} exists and is not a regular file; name another output file")
     parent = out.parent
-    existing = parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigValueError(f"{shown}: {str(existing)!r} is not a folder, so the file cannot be created there")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigValueError(f"{shown}: the folder {str(existing)!r} is not writable; name a file in a folder you can write")
-    if out.exists() and not os.access(out, os.W_OK) and not os.access(parent, os.W_OK):
-        raise ConfigValueError(f"{shown} cannot be replaced (no write permission)")
+    try:  # made now (it is where the output goes), and written to: os.access says yes to root everywhere
+        parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".agecls-probe-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigValueError(f"{shown}: the folder {str(parent)!r} cannot be created or written "
+                               f"({err.strerror or err}); name a file in a folder you can write") from None
     return out
 
 
