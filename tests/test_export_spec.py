@@ -49,10 +49,6 @@ def _batch() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
 
 
-def test_the_onnx_file_carries_its_spec() -> None:
-    pass
-
-
 # The cases: each edit of the .json, and the key its error must name.
 BAD_SPECS = {
     "short_side": (lambda s: _resize(s).update(short_side=200), "preprocess[2].short_side"),
@@ -64,6 +60,8 @@ BAD_SPECS = {
     "short_side_type": (lambda s: _resize(s).update(short_side="36"), "preprocess[2].short_side"),
     "age_range_type": (lambda s: s.update(age_range="1-90"), "age_range"),
     "input_type": (lambda s: s.update(input=[1, 3, 32, 32]), "input"),
+    "interval_margin": (lambda s: s.update(interval={"coverage": 0.9, "margin": "wide", "n": 10,
+                                                     "base": "point"}), "interval.margin"),
 }
 
 

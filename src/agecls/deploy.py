@@ -235,6 +235,10 @@ def _differences(a: Any, b: Any, key: str = "") -> Iterator[tuple[str, Any, Any]
         for k in sorted(set(a) | set(b), key=str):
             yield from _differences(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
     elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        if not any(isinstance(v, (dict, list)) for v in (*a, *b)):  # a list of values (age_range): as a whole
+            if any(True for _ in (d for x, y in zip(a, b, strict=True) for d in _differences(x, y))):
+                yield key, a, b
+            return
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             yield from _differences(x, y, f"{key}[{i}]")
     elif (isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool)

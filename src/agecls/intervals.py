@@ -124,11 +124,11 @@ class Calibration:
                 "method": self.method, "split": self.split}
 
     @classmethod
-    def from_dict(cls, data: Any, source: str = "the checkpoint") -> Calibration:
+    def from_dict(cls, data: Any, source: str = "the checkpoint", prefix: str = CHECKPOINT_KEY,
+                  remedy: str = "calibrate the model again (python -m agecls.calibrate ckpt_path=...)") -> Calibration:
         """A calibration read back, checked field by field (CalibrationError naming `source` and the key)."""
         def bad(key: str, value: Any, allowed: str) -> CalibrationError:
-            return CalibrationError(f"{source}: {CHECKPOINT_KEY}.{key}={value!r}: {allowed}; calibrate the model "
-                                    f"again (python -m agecls.calibrate ckpt_path=...)")
+            return CalibrationError(f"{source}: {prefix}.{key}={value!r}: {allowed}; {remedy}")
 
         if not isinstance(data, Mapping):
             raise bad("", type(data).__name__, "must be a dict")
@@ -168,12 +168,15 @@ class Calibration:
         """The calibration of an exported model, from its spec's `interval` (Calibration.at)."""
         if not isinstance(interval, Mapping):
             raise CalibrationError(f"{source}: interval={interval!r}: must be a JSON object")
-        coverage = interval.get("coverage")
+        remedy = "export the model again (python -m agecls.export)"
+        coverage, margin = interval.get("coverage"), interval.get("margin")
         if isinstance(coverage, bool) or not isinstance(coverage, (int, float)) or not 0 < coverage < 1:
-            raise CalibrationError(f"{source}: interval.coverage={coverage!r}: must be a number in (0, 1)")
+            raise CalibrationError(f"{source}: interval.coverage={coverage!r}: must be a number in (0, 1); {remedy}")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or math.isnan(margin) or margin == -math.inf:
+            raise CalibrationError(f"{source}: interval.margin={margin!r}: must be a number of years (or inf); {remedy}")
         data = {**{k: interval[k] for k in ("n", "base", "method", "split") if k in interval},
-                "margins": {level_key(coverage): interval.get("margin")}}
-        return cls.from_dict(data, source)
+                "margins": {level_key(coverage): margin}}
+        return cls.from_dict(data, source, "interval", remedy)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Mapping[str, Any], source: str = "the checkpoint") -> Calibration | None:
