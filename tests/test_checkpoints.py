@@ -49,13 +49,19 @@ def bad_checkpoints(tmp_path: Path) -> dict:
     return {"payload": payload, "text": text, "marker": marker}
 
 
+def _a_face() -> Path:
+    """A real photo for predict (its input is checked before the checkpoint)."""
+    return next(iter(sorted(utkface_dir().glob("*.jpg"))))
+
+
 def _eval_cfg(ckpt: Path | str, out: Path, *extra: str):
     return compose_cfg([f"ckpt_path={ckpt}", "eval.num_workers=0", "trainer.accelerator=cpu", *extra], out, "eval")
 
 
 ENTRY_POINTS = {
     "eval": lambda ckpt, tmp, make_cfg: evaluate(_eval_cfg(ckpt, tmp / "eval")),
-    "predict": lambda ckpt, tmp, make_cfg: predict(compose_cfg([f"ckpt_path={ckpt}", f"input={tmp}", "num_workers=0"],
+    "predict": lambda ckpt, tmp, make_cfg: predict(compose_cfg([f"ckpt_path={ckpt}", f"input={_a_face()}", "num_workers=0",
+                                                                "detect_faces=false"],
                                                                tmp / "p", "predict")),
     "export": lambda ckpt, tmp, make_cfg: export_main.__wrapped__(
         compose_cfg([f"ckpt_path={ckpt}", f"output={tmp / 'm.onnx'}"], tmp / "x", "export")),
@@ -140,7 +146,8 @@ def test_a_real_checkpoint_loads_safely_and_predicts_what_training_tested(utk_ru
         assert torch.equal(value, b.state_dict()[key]), key
     trained = pd.read_csv(utk_run["dir"] / "predictions.csv")
     pd.DataFrame({"path": trained["path"], "age": trained["age"]}).to_csv(tmp_path / "in.csv", index=False)
-    table = predict(compose_cfg([f"ckpt_path={ckpt}", f"input={tmp_path / 'in.csv'}", "num_workers=0"], tmp_path / "p",
+    table = predict(compose_cfg([f"ckpt_path={ckpt}", f"input={tmp_path / 'in.csv'}", "num_workers=0",
+                                 "detect_faces=false"], tmp_path / "p",
                                 "predict"))
     assert np.allclose(table["predicted"].to_numpy(), trained["predicted"].to_numpy(), atol=0.011)
 
@@ -179,11 +186,12 @@ def test_eval_detects_a_test_image_whose_content_changed_at_the_same_path(utk_ru
 
 
 def test_an_old_checkpoint_without_membership_is_evaluated_with_a_warning(utk_run, tmp_path, caplog) -> None:
+    """Refused by default (issue 18.4: no silent fallback); eval.allow_changed=true rebuilds the split, warning."""
     ckpt = torch.load(utk_run["ckpt"], map_location="cpu", weights_only=True)
     del ckpt["AgeDataModule"]
     torch.save(ckpt, tmp_path / "old.ckpt")
     with caplog.at_level(logging.WARNING, logger="agecls"):
-        metrics = evaluate(_eval_cfg(tmp_path / "old.ckpt", tmp_path / "eval"))
+        metrics = evaluate(_eval_cfg(tmp_path / "old.ckpt", tmp_path / "eval", "eval.allow_changed=true"))
     assert "does not record which images were in its splits" in caplog.text
     assert not any(k.startswith("members/") for k in metrics)
     assert AgeRegressor.load_from_checkpoint(tmp_path / "old.ckpt") is not None

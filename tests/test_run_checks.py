@@ -28,7 +28,8 @@ BAD_VALUES = [
     (["lr=0"], ["lr=0", "> 0"]),
     (["lr=-1"], ["lr=-1", "> 0"]),
     (["data.image_size=0"], ["data.image_size=0", ">= 32"]),
-    (["data.image_size=16"], ["data.image_size=16", ">= 32", "resnet18"]),
+    (["data.image_size=16"], ["data.image_size=16", ">= 32", "tf_efficientnet_lite0"]),  # the default backbone
+    (["backbone=resnet18", "data.image_size=16"], ["data.image_size=16", ">= 32", "resnet18"]),
     (["backbone=efficientnet_lite0", "data.image_size=31"], ["data.image_size=31", ">= 32", "tf_efficientnet_lite0"]),
     (["trainer.max_epochs=0", "train=true"], ["trainer.max_epochs=0", ">= 1", "train=false"]),
     (["data.splits=[0.5,0.5,0.5]"], ["data.splits=[0.5, 0.5, 0.5]", "summing to 1"]),
@@ -127,7 +128,7 @@ def test_per_epoch_lines_in_train_log_without_a_terminal(cli_run) -> None:
     # no progress bar without a terminal (Rich's prints only its last frame), no model/test tables
     assert "━" not in out and "it/s" not in out.split("Built preprocessing cache")[-1], out
     # a one-line summary of the config instead of the whole config
-    assert "Run: backbone=resnet18" in out and "lr=0.0001" in out and "image_size=32" in out
+    assert "Run: backbone=tf_efficientnet_lite0" in out and "lr=0.0001" in out and "image_size=32" in out
     assert "_target_" not in out and "Config:" not in out
     assert (cli_run["dir"] / ".hydra" / "config.yaml").exists()
     assert re.search(r"Done: test MAE \d+\.\d+", out)

@@ -189,6 +189,8 @@ def _bad_uploads() -> list[tuple[str, dict, int, str]]:
         ("empty", {"files": {"image": ("empty.jpg", b"", "image/jpeg")}}, 400, "empty"),
         ("bomb", {"files": {"image": ("bomb.png", _png_header_only(30000, 30000), "image/png")}}, 413, "pixels"),
         ("truncated", {"files": {"image": ("cut.jpg", _encode(_two_faces()[0])[:5000], "image/jpeg")}}, 400, "cut short"),
+        ("cut mid-scan, end marker added", {"files": {"image": ("cut2.jpg", _encode(_two_faces()[0])[:9000] + b"\xff\xd9",
+                                                                "image/jpeg")}}, 400, "cut short"),
         ("no field", {"files": {"photo": ("a.jpg", b"\xff\xd8", "image/jpeg")}}, 400, "field `image`"),
         ("not multipart", {"content": b"\xff\xd8\xff", "headers": {"content-type": "image/jpeg"}}, 400, "multipart"),
         ("too large", {"files": {"image": ("big.jpg", b"\xff" * 21_000_000, "image/jpeg")}}, 413, "MB"),

@@ -89,7 +89,8 @@ def test_eval_all_on_a_folder_the_model_never_saw(trained, tmp_path, cache_dir) 
 def test_predict_on_a_folder_with_a_broken_file(trained, tmp_path) -> None:
     folder = _utk_folder(tmp_path / "in", 6)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    cfg = _compose("predict", [f"ckpt_path={trained['ckpt']}", f"input={folder}", "num_workers=0", "batch_size=4"],
+    cfg = _compose("predict", [f"ckpt_path={trained['ckpt']}", f"input={folder}", "num_workers=0", "batch_size=4",
+                               "detect_faces=false"],
                    tmp_path / "p")
     table = predict(cfg)
     assert len(table) == 7
@@ -113,7 +114,7 @@ def test_predict_csv_input_with_tta_and_face_detection(trained, tmp_path) -> Non
     Image.new("RGB", (200, 200), (90, 90, 90)).save(tmp_path / "blank.jpg")
     pd.DataFrame({"path": ["scene.jpg", "blank.jpg"], "age": [30, 40]}).to_csv(tmp_path / "in.csv", index=False)
     cfg = _compose("predict", [f"ckpt_path={trained['ckpt']}", f"input={tmp_path / 'in.csv'}", "num_workers=0",
-                               "detect_faces=true", "tta=true"], tmp_path / "p")
+                               "detect_faces=true", "tta=flip"], tmp_path / "p")
     table = predict(cfg).set_index("path")
     scene = table.loc[str(tmp_path / "scene.jpg")]
     assert scene["status"] == "ok" and scene["face"] == 0
@@ -132,7 +133,7 @@ def _cli(module: str, args: list[str], cwd: Path, timeout: int = 600, env: dict 
 @pytest.fixture(scope="module")
 def failed_sweep(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
     sweep = tmp_path_factory.mktemp("sweep") / "s"
-    proc = _cli("agecls.train", ["-m", "freeze=false,true,layer1,layer2,layer3,layer9", *TINY, *SYNTHETIC,
+    proc = _cli("agecls.train", ["-m", "backbone=resnet18", "freeze=false,true,layer1,layer2,layer3,layer9", *TINY, *SYNTHETIC,
                                  f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}"], REPO)
     return sweep, proc
 

@@ -67,7 +67,7 @@ def test_short_run_on_synthetic_data_leaves_every_output(make_cfg) -> None:
     assert saved["epochs"] == 2
     # the test stage ran on the best checkpoint, which rebuilds with no other argument
     model = AgeRegressor.load_from_checkpoint(saved["best_checkpoint"], map_location="cpu")
-    assert model.hparams.image_size == 32 and model.hparams.backbone["name"] == "resnet18"
+    assert model.hparams.image_size == 32 and model.hparams.backbone["name"] == "tf_efficientnet_lite0"  # the default
     preds = pd.read_csv(run_dir / "predictions.csv")
     split = pd.read_csv(run_dir / "split.csv")
     assert len(preds) == min(16, int((split["split"] == "test").sum()))

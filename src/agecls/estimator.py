@@ -220,12 +220,35 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ConfigValueError(f"device={device!r}; choose auto, cpu or cuda") from None
 
 
-def load_backend(path: str | Path, device: torch.device) -> CheckpointAges | OnnxAges:
-    """A checkpoint (.ckpt) or an exported ONNX model (.onnx), checked to exist first."""
+def model_file(path: str | Path) -> Path:
+    """The model file `path` names: a .ckpt or .onnx itself, or a training run's directory (its
+    metrics.json's best checkpoint, else the one epoch_*.ckpt in its checkpoints/)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        run = p.parent if p.name == "checkpoints" else p
+        import json
+
+        try:
+            best = json.loads((run / "metrics.json").read_text()).get("best_checkpoint")
+        except (OSError, ValueError, AttributeError):
+            best = None
+        if best and Path(best).is_file():
+            return Path(best)
+        found = sorted((run / "checkpoints").glob("epoch_*.ckpt")) or sorted(run.glob("*.ckpt")) + sorted(run.glob("*.onnx"))
+        if len(found) == 1:
+            return found[0]
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} is a folder with {len(found) or 'no'} model files"
+                                f"{': ' + ', '.join(f.name for f in found[:5]) if found else ''}; name the .ckpt or "
+                                ".onnx (a training run's directory names its best checkpoint in metrics.json)")
     if not p.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} is not a file; give a .ckpt written by agecls.train "
-                                "or an .onnx written by agecls.export")
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} is not a file; give a .ckpt written by agecls.train, an "
+                                ".onnx written by agecls.export, or a training run's directory")
+    return p
+
+
+def load_backend(path: str | Path, device: torch.device) -> CheckpointAges | OnnxAges:
+    """A checkpoint (.ckpt) or an exported ONNX model (.onnx), checked to exist first (model_file)."""
+    p = model_file(path)
     return OnnxAges(p, device) if p.suffix.lower() == ".onnx" else CheckpointAges(p, device)
 
 
@@ -344,6 +367,7 @@ class AgeEstimator:
         self.template: dict[str, Any] | str | None = (
             ("auto" if detector is not None else self.options.template()) if self.options.align else None)
         self._warned_uncalibrated = False
+        self.path: Path | None = None  # the model file, where it was loaded from one
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -356,10 +380,17 @@ class AgeEstimator:
         to use instead of the configured detector. `threads`: torch's CPU threads (None: default_threads())."""
         options = FaceOptions(**face_options)  # checked before the model loads
         dev = resolve_device(device)
-        if dev.type == "cpu":
-            torch.set_num_threads(int(threads) if threads else default_threads())
-        return cls(load_backend(path, dev), options, tta=tta, coverage=coverage, batch_size=batch_size,
-                   name=Path(path).name, detector=face_detector)
+        if dev.type == "cpu":  # torch's threads, and OpenCV's (its DNN runs the MTCNN detector)
+            n = int(threads) if threads else default_threads()
+            torch.set_num_threads(n)
+            import cv2
+
+            cv2.setNumThreads(n)
+        file = model_file(path)
+        est = cls(load_backend(file, dev), options, tta=tta, coverage=coverage, batch_size=batch_size,
+                  name=file.name, detector=face_detector)
+        est.path = file
+        return est
 
     @classmethod
     def from_config(cls, cfg: Any, face_detector: FaceDetector | None = None) -> AgeEstimator:

@@ -52,7 +52,7 @@ from omegaconf import DictConfig
 from PIL import Image, UnidentifiedImageError
 from starlette.datastructures import UploadFile
 
-from agecls.data.images import decode_rgb, jpeg_truncated, list_images
+from agecls.data.images import decode_rgb, jpeg_scan_ends_early, jpeg_truncated, list_images
 from agecls.estimator import AgeEstimator, FaceAge
 from agecls.model_card import (
     checkpoint_hparams,
@@ -120,10 +120,15 @@ def decode_upload(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
                                    f"takes up to {_mb(max_pixels)} megapixels (a larger one is refused before decoding).")
         if jpeg_truncated(data):
             raise UploadError(400, "The JPEG is cut short (no end-of-image marker): the file is incomplete.")
+        is_jpeg = im.format in ("JPEG", "MPO")
         try:
-            return decode_rgb(im)
+            img = decode_rgb(im)
         except Exception as err:
             raise UploadError(400, f"The image cannot be decoded ({type(err).__name__}: {err}).") from None
+    if is_jpeg and jpeg_scan_ends_early(data):
+        raise UploadError(400, "The JPEG is cut short (its image data ends early, then an end marker): the file is "
+                               "incomplete.")
+    return img
 
 
 def model_card(path: str | Path, estimator: AgeEstimator) -> str:
@@ -174,7 +179,7 @@ class AgeServer:
     def from_config(cls, cfg: DictConfig) -> AgeServer:
         estimator = AgeEstimator.from_config(cfg)
         return cls(estimator, max_upload_mb=float(cfg.max_upload_mb), max_pixels=int(cfg.max_pixels),
-                   max_decodes=int(cfg.get("max_decodes", 2)), card=model_card(cfg.ckpt_path, estimator),
+                   max_decodes=int(cfg.get("max_decodes", 2)), card=model_card(estimator.path, estimator),
                    examples=cfg.get("examples"))
 
     def predict(self, img: Image.Image) -> dict[str, Any]:
