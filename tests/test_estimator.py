@@ -284,3 +284,23 @@ def test_calibrate_gives_an_old_checkpoint_intervals_in_a_copy(model, tmp_path, 
     assert face.interval[0] <= face.age <= face.interval[1]
     with pytest.raises(ConfigValueError, match="exists"):
         calibrate(cfg)
+
+
+def test_predict_refuses_a_fifo_without_opening_it(model, tmp_path) -> None:
+    """A FIFO named like a photo: refused by its type (os.stat), never opened (an open would block)."""
+    import os
+    import signal
+
+    from agecls import predict as predict_module
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    signal.signal(signal.SIGALRM, lambda *a: pytest.fail("predict opened the FIFO and blocked"))
+    signal.alarm(60)
+    try:
+        with pytest.raises(ConfigValueError, match="not a regular file"):
+            predict_module.run(_predict_cfg(model, tmp_path, f"input={fifo}"))
+        with pytest.raises(ConfigValueError, match="not a regular file"):
+            predict_module.run(_predict_cfg(model, tmp_path, f"input={tmp_path}", "output=null"))
+    finally:
+        signal.alarm(0)

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from agecls.data.images import is_image_name, list_images
+from agecls.data.images import SKIP_REASONS, is_image_name, scan_images
 from agecls.estimator import STATUSES, AgeEstimator, FaceAge
 from agecls.faces import FaceDetector
 from agecls.utils.checks import ConfigValueError, check_number
@@ -51,8 +51,15 @@ def resolve_inputs(spec: str | Path) -> tuple[list[str], pd.Series | None]:
     if not spec.exists():
         raise FileNotFoundError(f"input={str(spec)!r} does not exist; give an image, a folder of images or a CSV")
     if spec.is_dir():
-        paths = [str(p) for p in list_images(spec)]
+        scan = scan_images(spec)  # FIFOs, folders and broken links named like images: counted, never opened
+        scan.log_skipped(spec)
+        paths = [str(p) for p in scan.files]
         if not paths:
+            lost = scan.lost()
+            why = "; ".join(f"{n} {SKIP_REASONS[r]}" for r, n in lost.items())
+            if lost:
+                raise ConfigValueError(f"input={str(spec)!r} holds no image file to read, only entries that are not "
+                                       f"a regular file or not a readable format ({why})")
             raise FileNotFoundError(f"input={str(spec)!r} holds no image files")
         return paths, None
     if not spec.is_file():  # a FIFO or a device would hang the reader
