@@ -107,7 +107,7 @@ def utk_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict:
     root.mkdir()
     for f in files[:: len(files) // N_IMAGES][:N_IMAGES]:
         shutil.copy(f, root / f.name)
-    cfg = compose_cfg([*TINY, "data=utkface", f"data.root={root}", f"paths.cache_dir={cache_dir}",
+    cfg = compose_cfg([*TINY, "backbone=resnet18", "data=utkface", f"data.root={root}", f"paths.cache_dir={cache_dir}",
                        "trainer.limit_test_batches=1.0"], base / "run")
     metrics = train(cfg)
     ckpt = Path(metrics["best_checkpoint"])

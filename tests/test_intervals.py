@@ -127,3 +127,9 @@ def test_the_interval_holds_the_prediction_and_travels_in_the_checkpoint(tmp_pat
     ckpt["agecls_calibration"]["base"] = "nonsense"
     with pytest.raises(CalibrationError, match="base='nonsense'"):
         AgeRegressor.from_checkpoint(ckpt)
+
+
+def test_an_infinite_margin_gives_the_whole_age_range_not_nan() -> None:
+    cal = Calibration({"0.95": math.inf}, 5, "point")
+    low, high = cal.apply(np.array([30.0]), np.array([30.0]), 0.95, (1.0, 90.0))
+    assert (low[0], high[0]) == (1.0, 90.0)

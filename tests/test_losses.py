@@ -259,8 +259,8 @@ def test_every_loss_trains_a_step_through_the_real_config(make_cfg, name: str) -
 
 def test_a_class_loss_trains_its_head_on_cached_features(make_cfg) -> None:
     """data.feature_cache: the head's output comes from features (AgeNet.from_features), not images."""
-    cfg = make_cfg("loss=mean_variance", "freeze=true", "data.feature_cache=true", "data.augment.enabled=false",
-                   *ONE_STEP)
+    cfg = make_cfg("backbone=resnet18", "loss=mean_variance", "freeze=true", "data.feature_cache=true",
+                   "data.augment.enabled=false", *ONE_STEP)  # resnet18: SMALL_HIDDEN's widths
     metrics = train(cfg)
     assert math.isfinite(metrics["test/mae"]) and metrics["params/trainable"] == sum(SMALL_HIDDEN) + WIDTHS["mean_variance"][1]
 

@@ -164,10 +164,11 @@ def test_report_rebuilds_the_summary_and_draws_the_figures(failed_sweep) -> None
 
 
 # -------------------------------------------------------------------------------------- resume
-RESUME = [*TINY, *SYNTHETIC, "trainer.max_epochs=4", "trainer.limit_train_batches=6", "data.num_workers=2",
+RESUME = [*TINY, *SYNTHETIC, "backbone=resnet18", "trainer.max_epochs=4", "trainer.limit_train_batches=6", "data.num_workers=2",
           "trainer.deterministic=true", "model.head_dropout=0.2", "callbacks.early_stopping=null"]
 
 
+@pytest.mark.slow  # 73 s: make test-full
 def test_resume_after_sigkill_ends_with_the_uninterrupted_metrics(tmp_path, cache_dir) -> None:
     common = [*RESUME, f"paths.cache_dir={cache_dir}"]
     straight = _cli("agecls.train", [*common, f"hydra.run.dir={tmp_path / 'straight'}"], REPO)
@@ -218,6 +219,7 @@ def test_optuna_search_over_optimizer_lr_freeze_and_head(tmp_path, cache_dir) ->
 
 
 # jpeg: the same lock and build path as raw (pipelines.cached), only the cache class differs: slow
+@pytest.mark.slow  # 46 s: make test-full
 @pytest.mark.parametrize("cache_format", ["raw", pytest.param("jpeg", marks=pytest.mark.slow)])
 def test_ddp_on_two_cpu_processes_writes_one_synchronised_set_of_outputs(tmp_path, cache_format) -> None:
     run, cache = tmp_path / "ddp", tmp_path / "cache"  # a cache folder of its own: built by this run

@@ -39,7 +39,7 @@ def assert_run_outputs(run_dir: Path) -> dict:
     assert metrics["params/total"] >= metrics["params/trainable"] > 0
 
     preds = pd.read_csv(run_dir / "predictions.csv")
-    assert list(preds.columns) == ["path", "age", "predicted", "predicted_raw"]
+    assert list(preds.columns) == ["path", "age", "predicted", "predicted_raw", "predicted_low", "predicted_high"]
     assert len(preds) > 0 and preds["predicted"].notna().all()
     assert all(Path(p).exists() for p in preds["path"])
 

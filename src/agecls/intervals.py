@@ -108,8 +108,9 @@ class Calibration:
         m = self.margin(coverage)
         low = np.asarray(low_raw, dtype=np.float64) - m
         high = np.asarray(high_raw, dtype=np.float64) + m
-        mid = (low + high) / 2
-        low, high = np.minimum(low, mid), np.maximum(high, mid)
+        if math.isfinite(m):  # an infinite margin (too few validation faces) is the whole age range
+            mid = (low + high) / 2
+            low, high = np.minimum(low, mid), np.maximum(high, mid)
         if age_range is not None:
             low, high = np.clip(low, *age_range), np.clip(high, *age_range)
         return low, high
