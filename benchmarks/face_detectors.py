@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from results_csv import write_replacing  # benchmarks/ is on sys.path when a script runs
 
 from agecls.data.images import list_images, load_rgb
 from agecls.faces import DETECTORS, build_detector
@@ -160,11 +161,7 @@ def run_thresholds(args: argparse.Namespace, truth: dict, photo_paths: list[Path
             results += threshold_rows(name, dets, "wild", int(wild_truth["file"].nunique()), thresholds, wild_score)
     table = pd.DataFrame(results)
     out = Path(args.thresholds_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and len(table):  # a rerun replaces its detectors' rows, keeps the others
-        old = pd.read_csv(out)
-        table = pd.concat([old[~old["detector"].isin(table["detector"])], table], ignore_index=True)
-    table.to_csv(out, index=False)
+    table = write_replacing(out, table, ["detector", "set", "min_score"])
     print(table.to_string(index=False))
     print(f"wrote {out}")
 
@@ -229,13 +226,7 @@ def main() -> None:
             results.append(row)
             print(row, flush=True)
     table = pd.DataFrame(results)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and len(table):  # a partial rerun replaces its own rows, keeps the others
-        old = pd.read_csv(out)
-        keep = ~old.set_index(["detector", "set"]).index.isin(table.set_index(["detector", "set"]).index)
-        table = pd.concat([old[keep], table], ignore_index=True)
-    table.to_csv(out, index=False)
+    table = write_replacing(args.out, table, ["detector", "set"])
     print(table.to_string(index=False))
     print(f"wrote {args.out}")
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from results_csv import write_replacing  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -115,16 +116,9 @@ def main() -> None:
                       f"{row['model_ms_per_face']} ms/face; load {row['load_avg_1min']})", flush=True)
                 rows.append(row)
     table = pd.DataFrame(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = pd.read_csv(out)
-        key = ["model_file", "threads", "batch"]
-        keep = ~old.set_index(key).index.isin(table.set_index(key).index)
-        table = pd.concat([old[keep], table], ignore_index=True)
-    table.to_csv(out, index=False)
+    table = write_replacing(args.out, table, ["model_file", "threads", "batch"])
     print(table.to_string(index=False))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from results_csv import write_replacing  # benchmarks/ is on sys.path when a script runs
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -77,14 +78,9 @@ def main() -> None:
     frame = frame[np.isfinite(frame["predicted_low"]) & np.isfinite(frame["predicted_high"])]
     label = args.label or Path(args.predictions).parent.name
     table = summarise(frame, label)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        old = pd.read_csv(out)
-        table = pd.concat([old[old["label"] != label], table], ignore_index=True)
-    table.to_csv(out, index=False)
+    table = write_replacing(args.out, table, ["label"])
     print(table[table["label"] == label].to_string(index=False, na_rep=""))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -104,5 +104,3 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     main()
 
-
-__all__ = ["LEVELS", "calibrate", "check_levels", "run"]
