@@ -304,3 +304,23 @@ def test_predict_refuses_a_fifo_without_opening_it(model, tmp_path) -> None:
             predict_module.run(_predict_cfg(model, tmp_path, f"input={tmp_path}", "output=null"))
     finally:
         signal.alarm(0)
+
+
+def test_a_run_directory_names_its_best_checkpoint(tmp_path) -> None:
+    """ckpt_path=<run dir> (the README's `RUN=$(ls -d outputs/runs/*/ | tail -1)`): metrics.json's best
+    checkpoint, else the one epoch_*.ckpt; a folder with several is refused, listing them."""
+    import json
+
+    from agecls.estimator import model_file
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("epoch_003.ckpt", "epoch_007.ckpt", "last.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match="2 model files: epoch_003.ckpt, epoch_007.ckpt"):
+        model_file(run)
+    (run / "metrics.json").write_text(json.dumps({"best_checkpoint": str(run / "checkpoints" / "epoch_007.ckpt")}))
+    assert model_file(f"{run}/") == model_file(run / "checkpoints") == run / "checkpoints" / "epoch_007.ckpt"
+    (run / "checkpoints" / "epoch_003.ckpt").unlink()
+    (run / "metrics.json").unlink()
+    assert model_file(run) == run / "checkpoints" / "epoch_007.ckpt"
