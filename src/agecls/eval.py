@@ -35,10 +35,24 @@ from agecls.utils.hydra_utils import (
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: str | Path) -> tuple[AgeRegressor, dict[str, Any]]:
+WEIGHTS = ("checkpoint", "current")
+
+
+def load_checkpoint(path: str | Path, weights: str = "checkpoint") -> tuple[AgeRegressor, dict[str, Any]]:
     """The model (no other argument needed) and the checkpoint dict, read once and safely
-    (tensors and plain values only: agecls.utils.checkpoint.read_checkpoint)."""
+    (tensors and plain values only: agecls.utils.checkpoint.read_checkpoint). weights=current
+    loads the training weights a run with callbacks.ema kept beside its average
+    (`current_model_state`) instead of the checkpoint's state_dict (the average)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"eval.weights={weights!r}; choose checkpoint (its state_dict: with callbacks.ema the "
+                         "average) or current (the training weights saved beside an average)")
     ckpt = read_checkpoint(path)
+    if weights == "current":
+        current = ckpt.get("current_model_state")
+        if not isinstance(current, dict):
+            raise ValueError(f"eval.weights=current: {path} holds no current_model_state (it was not trained with "
+                             "callbacks.ema, so its state_dict is its training weights); drop eval.weights")
+        ckpt = {**ckpt, "state_dict": current}
     return AgeRegressor.from_checkpoint(ckpt, path=str(path)), ckpt
 
 
@@ -91,7 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     provenance.write(output_dir)
-    model, ckpt = load_checkpoint(cfg.ckpt_path)
+    model, ckpt = load_checkpoint(cfg.ckpt_path, weights=str(cfg.eval.get("weights", "checkpoint")))
     model.tta = tta  # the test stage's predictions: AgeNet.tta_views
     model.coverage = float(cfg.get("coverage", model.coverage))  # its per-face intervals (predictions.csv)
     datamodule = build_datamodule(cfg, model, ckpt, output_dir)
@@ -105,6 +119,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics["checkpoint"] = str(Path(cfg.ckpt_path).resolve())
     metrics["split"] = cfg.eval.split
     metrics["tta"] = tta
+    metrics["weights"] = str(cfg.eval.get("weights", "checkpoint"))
     metrics["coverage"] = model.coverage  # of the intervals: test/interval_coverage is how often they held
     if getattr(datamodule, "membership_check", None):  # the checkpoint's own split: how much of it was evaluated
         metrics.update({f"members/{k}": v for k, v in datamodule.membership_check.items()})

@@ -249,6 +249,8 @@ _OVERALL = [
     ("test/pearson", "Pearson r"),
     ("test/spearman", "Spearman rho"),
     ("test/n_images", "Test images"),
+    ("test/minors_predicted_adult", "Share of minors (under 18) predicted 18 or over"),
+    ("test/adults_predicted_minor", "Share of adults predicted under 18"),
     ("tta", "Test-time augmentation"),
     ("val/mae_best", "Best validation MAE"),
     ("epochs", "Epochs"),

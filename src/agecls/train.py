@@ -124,6 +124,18 @@ def check_resume_config(ckpt_path: str, ckpt: dict[str, Any], cfg: DictConfig) -
     for change in check_resume(ckpt_path, ckpt, run, allow):
         log.warning("Resuming %s although it was trained with other values (resume.allow_changed=true): %s",
                     Path(ckpt_path).name, change)
+    averaged = "current_model_state" in ckpt  # written by callbacks.ema (WeightEMA)
+    decay = OmegaConf.select(cfg, "callbacks.ema.decay", default=None)
+    if averaged and decay is None:
+        from agecls.utils.checks import ConfigValueError
+
+        raise ConfigValueError(
+            f"ckpt_path={ckpt_path!r} was trained with callbacks.ema: its state_dict is the weights' average and "
+            "the training weights are kept beside it. Resuming without the average would continue training from "
+            "the average instead; add callbacks.ema.decay=<its decay> (its run's .hydra/config.yaml)")
+    if decay is not None and not averaged:
+        log.warning("Resuming %s, trained without callbacks.ema, with callbacks.ema.decay=%s: the average starts "
+                    "from the checkpoint's weights", Path(ckpt_path).name, decay)
 
 
 def check_data_root(datamodule: L.LightningDataModule) -> None:

@@ -48,15 +48,19 @@ class CleaningReport:
     splits: dict[str, int] = field(default_factory=dict)
     split_version: str = ""        # how the splits were made: agecls.data.splits.SPLIT_VERSION or a split file
     unreadable_examples: list[tuple[str, str]] = field(default_factory=list)
+    test_list: dict[str, int] = field(default_factory=dict)  # data.test_list: names listed, found among the records
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "records_in": self.records_in,
             "removed": dict(self.removed),
             "records_out": self.records_out,
             "splits": dict(self.splits),
             "split_version": self.split_version,
         }
+        if self.test_list:
+            out["test_list"] = dict(self.test_list)
+        return out
 
     def summary_table(self) -> str:
         lines = ["cleaning", f"  {'records in':<22}{self.records_in:>9,}"]

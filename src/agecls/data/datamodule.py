@@ -27,7 +27,7 @@ from agecls.data.index import build_index, check_verify, index_file_for
 from agecls.data.jpeg_cache import JpegCache
 from agecls.data.pipelines import FeaturePipeline, Pipeline, PipelineOptions, make_pipeline
 from agecls.data.pixel_cache import PixelCache
-from agecls.data.samplers import EpochSampler
+from agecls.data.samplers import EpochSampler, age_weights
 from agecls.data.sources import Source, make_source
 from agecls.data.sources.base import GROUP_COLUMNS
 from agecls.data.splits import (
@@ -36,9 +36,11 @@ from agecls.data.splits import (
     SPLITS,
     SplitMembershipError,
     assign_splits,
+    assign_with_test_list,
     decode_membership,
     encode_membership,
     read_split_file,
+    read_test_list,
     relative_paths,
 )
 from agecls.data.transforms import DEFAULT_CROP_PCT
@@ -103,8 +105,11 @@ class AgeDataModule(L.LightningDataModule):
         splits: Sequence[float] = (0.8, 0.1, 0.1),
         split_seed: int = 0,
         split_file: str | None = None,
+        test_list: str | None = None,
         age_bin_width: float = 5.0,
         sampler: str = "shuffle",
+        lds_sigma: float = 2.0,
+        lds_power: float = 0.5,
         min_face_score: float = 1.0,
         min_age: float = 0.0,
         max_age: float = 100.0,
@@ -139,8 +144,7 @@ class AgeDataModule(L.LightningDataModule):
         source_options = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                           for k, v in source_options.items()}
         check_verify(verify)
-        if sampler not in ("shuffle", "balanced"):
-            raise ValueError(f"data.sampler={sampler!r}; choose shuffle or balanced")
+        age_weights([30.0], sampler, age_bin_width, lds_sigma, lds_power)  # names a bad sampler before any work
         if test_on not in (*SPLITS, "all"):
             raise ValueError(f"test split {test_on!r}; choose one of {', '.join((*SPLITS, 'all'))}")
         if seed is None:  # still one fixed seed per run, so order and augmentation are consistent
@@ -266,6 +270,17 @@ class AgeDataModule(L.LightningDataModule):
         elif hp.split_file:
             records = self._apply_split_file(records, rel, report)
             report.split_version = f"file:{hp.split_file}"
+        elif hp.get("test_list"):
+            label, names = read_test_list(hp.test_list)
+            split = assign_with_test_list(records, names, hp.splits, hp.split_seed,
+                                          keys=relative_paths(records["path"], rel))
+            found = int((split == "test").sum())
+            report.split_version = f"test-list:{label}+hash-v{SPLIT_VERSION}"
+            report.test_list = {"listed": len(names), "found": found}
+            if found < len(names):
+                log.warning("data.test_list=%s lists %d images; %d of them are in data.root (after cleaning) and form "
+                            "the test split", hp.test_list, len(names), found)
+            records = records.assign(split=split)
         else:
             report.split_version = f"hash-v{SPLIT_VERSION}"
             records = records.assign(split=assign_splits(records, hp.splits, hp.split_seed,
@@ -487,12 +502,9 @@ class AgeDataModule(L.LightningDataModule):
         pipeline.loader_ready(dataset, self._device())
         sampler = None
         if train:
-            weights = None
-            if hp.sampler == "balanced":
-                # ages: numpy (image datasets) or a tensor (FeatureDataset)
-                bins = np.floor(np.asarray(dataset.ages, dtype=np.float64) / float(hp.age_bin_width)).astype(int)
-                counts = np.bincount(bins - bins.min())
-                weights = 1.0 / counts[bins - bins.min()]
+            # ages: numpy (image datasets) or a tensor (FeatureDataset)
+            weights = age_weights(np.asarray(dataset.ages, dtype=np.float64), hp.sampler, float(hp.age_bin_width),
+                                  float(hp.get("lds_sigma", 2.0)), float(hp.get("lds_power", 0.5)))
             sampler = EpochSampler(len(dataset), int(hp.seed), weights=weights, epoch_fn=self._current_epoch)
         elif self.trainer is not None and self.trainer.world_size > 1:
             # Each rank evaluates its own share, none repeated: the default DistributedSampler pads

@@ -35,6 +35,43 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32).view(np.uint64)[0] >> 1)
 
 
+SAMPLERS = ("shuffle", "balanced", "lds")
+
+
+def age_weights(ages: Sequence[float], sampler: str, bin_width: float = 5.0, sigma: float = 2.0,
+                power: float = 0.5) -> np.ndarray | None:
+    """Per-image draw weights of a training sampler (None: shuffle, every image once an epoch).
+
+    balanced: 1 / (images in its `bin_width`-year age bin): every bin equally often.
+    lds: label-distribution smoothing (Yang et al., "Delving into Deep Imbalanced Regression",
+    ICML 2021): the density of ages in whole years, smoothed with a Gaussian of `sigma` years, to
+    the power -`power` (0.5: the paper's square-root inverse), so rare ages - babies, elders - are
+    drawn more often without the noise of a raw per-year count. Weights are scaled to mean 1.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"data.sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler == "shuffle":
+        return None
+    ages = np.asarray(ages, dtype=np.float64)
+    if sampler == "balanced":
+        bins = np.floor(ages / float(bin_width)).astype(int)
+        counts = np.bincount(bins - bins.min())
+        weights = 1.0 / counts[bins - bins.min()]
+    else:
+        if not (sigma > 0 and power > 0):
+            raise ValueError(f"data.lds_sigma={sigma!r}, data.lds_power={power!r}; both must be above 0 "
+                             "(e.g. 2 years and 0.5)")
+        years = np.rint(ages).astype(int)
+        low = years.min()
+        counts = np.bincount(years - low).astype(np.float64)
+        radius = int(np.ceil(3 * sigma))
+        offsets = np.arange(-radius, radius + 1)
+        kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+        density = np.convolve(np.pad(counts, radius), kernel / kernel.sum(), mode="valid")
+        weights = density[years - low] ** -float(power)
+    return weights / weights.mean()
+
+
 class EpochSampler(Sampler[int]):
     """Shuffle (or draw with replacement by `weights`) with a generator seeded by (seed, epoch).
 

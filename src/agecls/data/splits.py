@@ -117,6 +117,64 @@ def relative_paths(paths: pd.Series, base: Path) -> list[str]:
     return out
 
 
+# ------------------------------------------------------------------- published test splits
+# Test splits published with a paper, shipped in agecls/data/protocols (each with its licence), so
+# `data.test_list=<name>` tests on exactly their images: name -> (file, what it is).
+PROTOCOLS_DIR = Path(__file__).parent / "protocols"
+PROTOCOLS = {
+    "coral_utkface": ("coral_utkface_test.csv",
+                      "the UTKFace test split of CORAL (Cao, Mirjalili and Raschka, 2020; coral-cnn, MIT licence): "
+                      "3,287 aligned crops aged 21-60"),
+}
+
+
+def read_test_list(value: str | Path) -> tuple[str, set[str]]:
+    """The file names (no folders) of a test split: a packaged protocol by name (PROTOCOLS), or a
+    file - a CSV with a `file` or `path` column (its base names are used), or plain text with one
+    name per line. Returns (a label for cleaning.json, the names)."""
+    name = str(value)
+    if name in PROTOCOLS:
+        path, label = PROTOCOLS_DIR / PROTOCOLS[name][0], f"{name} ({PROTOCOLS[name][0]})"
+    else:
+        path, label = Path(name).expanduser(), Path(name).name
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"data.test_list={name!r} is neither a published split agecls ships ({', '.join(PROTOCOLS)}) nor a "
+                "file; give one of those names, or a CSV with a file (or path) column, or a text file of one "
+                "image name per line")
+    if path.suffix.lower() == ".csv":
+        table = pd.read_csv(path, dtype=str)
+        column = next((c for c in ("file", "path") if c in table.columns), None)
+        if column is None:
+            raise ValueError(f"data.test_list={name!r}: {path} has no file or path column (columns: "
+                             f"{', '.join(map(str, table.columns))})")
+        names = table[column].dropna().astype(str)
+    else:
+        names = pd.Series([line.strip() for line in path.read_text().splitlines() if line.strip()])
+    names = {Path(n).name for n in names}
+    if not names:
+        raise ValueError(f"data.test_list={name!r}: {path} lists no images")
+    return label, names
+
+
+def assign_with_test_list(records: pd.DataFrame, test_names: set[str], fractions: Sequence[float], seed: int,
+                          keys: Sequence[str] | None = None) -> np.ndarray:
+    """'test' for each record whose file name is in `test_names`; the others go to train and val
+    by `assign_splits` with the train and val shares of `fractions` (the test share is the list's)."""
+    train, val, _ = check_splits(fractions)
+    if train + val <= 0:
+        raise SplitError(f"data.splits={list(fractions)} with data.test_list: the train and val shares decide how "
+                         "the images outside the test list are split, and both are 0")
+    is_test = np.array([Path(str(p)).name in test_names for p in records["path"]], dtype=bool)
+    out = np.full(len(records), "test", dtype=object)
+    rest = ~is_test
+    if rest.any():
+        rest_keys = None if keys is None else [k for k, t in zip(keys, is_test, strict=True) if not t]
+        out[rest] = assign_splits(records[rest].reset_index(drop=True),
+                                  (train / (train + val), val / (train + val), 0.0), seed, keys=rest_keys)
+    return out
+
+
 def read_split_file(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():

@@ -9,7 +9,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import EMAWeightAveraging, RichProgressBar, TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
 
 
@@ -36,6 +37,36 @@ class RNGStateCallback(L.Callback):
             name, keys, pos, has_gauss, cached = states["numpy"]
             states["numpy"] = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
         _set_rng_states(states)
+
+
+class WeightEMA(EMAWeightAveraging):
+    """An exponential moving average of the weights (and BatchNorm buffers), updated after every
+    optimizer step: `callbacks.ema.decay=0.997`. Validation, the checkpoints' `state_dict` (what
+    eval, export, predict and the test stage load) and the interval calibration use the average;
+    the training weights travel beside it in `current_model_state`, so a resumed run continues
+    from them and `python -m agecls.eval ... eval.weights=current` measures the same run without
+    the average.
+
+    Lightning's callback reloads `current_model_state` into the model whenever a checkpoint is
+    loaded, including the test stage after fit (`trainer.test(ckpt_path="best")`), which would then
+    test the raw weights; here only a resumed fit does.
+    """
+
+    def __init__(self, decay: float = 0.997, **kwargs: Any) -> None:
+        if not 0.0 < float(decay) < 1.0:
+            raise ValueError(f"callbacks.ema.decay={decay!r}; give a number between 0 and 1 (0.997 averages "
+                             "over about 1/(1-decay) = 333 optimizer steps), or null for no average")
+        super().__init__(decay=float(decay), **kwargs)
+        self.decay = float(decay)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
+
+
+def weight_ema(decay: float | None = None, **kwargs: Any) -> WeightEMA | None:
+    """`callbacks.ema`: a WeightEMA with this decay, or no callback when decay is null (the default)."""
+    return None if decay is None else WeightEMA(decay=decay, **kwargs)
 
 
 def _duration(seconds: float) -> str:

@@ -97,6 +97,7 @@ DATA_KEYS = (
     ("image_size", "data.image_size"), ("crop_pct", "data.crop_pct"),
     ("data.source", "data.source"), ("data.root", "data.root"), ("data.splits", "data.splits"),
     ("data.split_seed", "data.split_seed"), ("data.split_file", "data.split_file"),
+    ("data.test_list", "data.test_list"),
     ("data.min_age", "data.min_age"), ("data.max_age", "data.max_age"),
     ("data.min_face_score", "data.min_face_score"), ("data.deduplicate", "data.deduplicate"),
     ("data.num_samples", "data.num_samples"), ("data.synthetic_size", "data.synthetic_size"),

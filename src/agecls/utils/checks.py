@@ -390,5 +390,5 @@ def check_train_config(cfg: Any) -> None:
         if training and val == 0:
             fail("data.splits", splits, "the val share must be above 0 with train=true (the best checkpoint "
                                          "and early stopping follow val/mae)")
-        if testing and data.get("test_on", "test") == "test" and test == 0:
+        if testing and data.get("test_on", "test") == "test" and test == 0 and not data.get("test_list"):
             fail("data.splits", splits, "the test share must be above 0 with test=true and data.test_on=test")

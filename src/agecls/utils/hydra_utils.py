@@ -61,7 +61,9 @@ def instantiate_callbacks(cfg: DictConfig | None) -> list[Callback]:
     for name, node in (cfg or {}).items():
         if node is not None and "_target_" in node:
             log.debug("callback %s: %s", name, node._target_)
-            callbacks.append(hydra.utils.instantiate(node))
+            callback = hydra.utils.instantiate(node)
+            if callback is not None:  # a factory may decline (callbacks.ema with decay null)
+                callbacks.append(callback)
     return callbacks
 
 

@@ -1,4 +1,4 @@
-"""The files a run leaves beside its checkpoints: metrics.json, predictions.csv, scatter.png."""
+"""The files a run leaves beside its checkpoints: metrics.json, predictions.csv, scatter.png, errors.png."""
 
 from __future__ import annotations
 
@@ -46,14 +46,65 @@ def predictions_frame(paths: list[str], ages: np.ndarray, predicted: np.ndarray,
     return frame
 
 
+ADULT_AGE = 18.0  # the minors' metrics: true age under it, predicted at or over it
+
+
 def metrics_by_decade(frame: pd.DataFrame) -> dict[str, float]:
-    """MAE per decade of true age, as flat keys `mae_by_decade/20-29`."""
-    out = {}
+    """MAE and image count per decade of true age, as flat keys `mae_by_decade/20-29` and
+    `n_by_decade/20-29`; and where the faces are worst judged, at the legal line:
+    `test/minors_predicted_adult` (share of true minors, under 18, predicted 18 or over),
+    `test/adults_predicted_minor` (the reverse) with `test/n_minors`, `test/n_adults`."""
+    out: dict[str, float] = {}
     decade = (frame["age"] // 10 * 10).astype(int)
     err = (frame["predicted"] - frame["age"]).abs()
     for d in sorted(decade.unique()):
         out[f"mae_by_decade/{d}-{d + 9}"] = float(err[decade == d].mean())
+        out[f"n_by_decade/{d}-{d + 9}"] = int((decade == d).sum())
+    minor = (frame["age"] < ADULT_AGE).to_numpy()
+    adult_said = (frame["predicted"] >= ADULT_AGE).to_numpy()
+    out["test/n_minors"] = int(minor.sum())
+    out["test/n_adults"] = int((~minor).sum())
+    if minor.any():
+        out["test/minors_predicted_adult"] = float(adult_said[minor].mean())
+    if (~minor).any():
+        out["test/adults_predicted_minor"] = float((~adult_said[~minor]).mean())
     return out
+
+
+def errors_figure(frame: pd.DataFrame, title: str, bin_width: int = 5):
+    """Where the model fails: the signed error (predicted - true) per `bin_width`-year bin of true
+    age as boxes (median, quartiles, 5th-95th percentile whiskers), the MAE per bin as a line and
+    the images per bin along the top; the dotted line is 18 years."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ages, pred = frame["age"].to_numpy(float), frame["predicted"].to_numpy(float)
+    keep = np.isfinite(ages) & np.isfinite(pred)
+    ages, signed = ages[keep], (pred - ages)[keep]
+    bins = (ages // bin_width * bin_width).astype(int)
+    starts = sorted(set(bins.tolist()))
+    fig, ax = plt.subplots(figsize=(10, 4.8), dpi=100)
+    if starts:
+        data = [signed[bins == b] for b in starts]
+        centres = [b + bin_width / 2 for b in starts]
+        ax.boxplot(data, positions=centres, widths=bin_width * 0.7, whis=(5, 95), showfliers=False,
+                   manage_ticks=False)
+        ax.plot(centres, [np.abs(d).mean() for d in data], "o-", color="tab:red", ms=3, label="MAE per bin")
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(centres, [str(len(d)) for d in data], fontsize=6)
+        top.set_xlabel(f"images per {bin_width}-year bin", fontsize=8)
+        ax.set_xlim(min(starts), max(starts) + bin_width)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.axvline(ADULT_AGE, color="grey", lw=0.8, ls=":", label="18 years")
+    ax.set_xlabel("true age (years)")
+    ax.set_ylabel("predicted - true age (years)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def metrics_by_group(frame: pd.DataFrame, groups: Mapping[str, Sequence[Any]]) -> dict[str, float]:
@@ -121,14 +172,18 @@ def write_test_outputs(
     shown = {k: metrics[k] for k in ("test/mae", "test/pearson", "test/spearman") if k in metrics}
     fig = scatter_figure(frame, title, shown)
     fig.savefig(directory / "scatter.png")
+    errors = errors_figure(frame, title)
+    errors.savefig(directory / "errors.png")
     by_group = {k: float(v) for k, v in metrics.items() if k.startswith("test/mae_by_")}
     for lg in loggers or ():
         experiment = getattr(lg, "experiment", None)
         if experiment is not None and hasattr(experiment, "add_figure"):
             experiment.add_figure("test/scatter", fig, global_step=step, close=False)
+            experiment.add_figure("test/errors_by_age", errors, global_step=step, close=False)
         if by_group and hasattr(lg, "log_metrics"):
             lg.log_metrics(by_group, step=step)
     plt.close(fig)
+    plt.close(errors)
 
 
 def write_test_stage(
@@ -155,7 +210,7 @@ def write_test_stage(
         order = np.asarray(test_results["index"])
         metrics.update(metrics_by_group(frame, {k: np.asarray(list(v), dtype=object)[order] for k, v in groups.items()}))
     metrics["test/n_images"] = len(frame)
-    for name in ("predictions.csv", "scatter.png"):
+    for name in ("predictions.csv", "scatter.png", "errors.png"):
         keep_previous(directory / name)
     write_test_outputs(directory, frame, metrics, title, loggers, step)
     return frame

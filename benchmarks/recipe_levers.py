@@ -1,0 +1,161 @@
+"""One table of training runs (or evaluations of them) side by side: what each lever of issue 20
+costs in minutes and what it gives, with the seed, the split and where the errors fall.
+
+    python benchmarks/recipe_levers.py \
+        --run "best 128 px=outputs/best_s42" --run "160 px, EMA=outputs/px160_ema_s42" \
+        --run "160 px, no EMA=outputs/px160_ema_s42/eval_current" \
+        --csv benchmarks/results/cpu-amd-epyc-2cores-levers.csv
+
+An ensemble of finished runs (the mean of their predicted ages per test image; the same test
+images required), its fit minutes the sum of theirs:  --ensemble "160 + 128 px=DIR1,DIR2"
+
+Each --run is LABEL=DIR, DIR holding a metrics.json written by agecls.train or agecls.eval (an
+evaluation has no fit time of its own: the fit minutes are read from the training run two levels
+up, `<run>/.../metrics.json`, when DIR lies inside it). The configuration (seed, image size,
+epochs, EMA, sampler, test list) comes from DIR/.hydra/config.yaml or the run's. A rerun with the
+same labels replaces their rows in the CSV and keeps the others (benchmarks/results_csv.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_csv import write_replacing  # noqa: E402
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _run_of(directory: Path) -> Path:
+    """The training run a directory belongs to: itself, or the nearest parent with a metrics.json
+    that has a fit time (an eval written inside the run)."""
+    for d in (directory, *directory.parents):
+        if "time/fit_s" in _read(d / "metrics.json"):
+            return d
+    return directory
+
+
+def _config(directory: Path) -> dict[str, Any]:
+    path = directory / ".hydra" / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def mae_over(metrics: dict[str, Any], lo: int, hi: int) -> float | None:
+    """The MAE over the decades of true age starting from lo to hi, weighted by their images
+    (`mae_by_decade/..` with `n_by_decade/..`; None where the counts are not recorded)."""
+    keys = [k.split("/", 1)[1] for k in metrics if k.startswith("n_by_decade/")]
+    keys = [k for k in keys if lo <= int(k.split("-")[0]) <= hi and f"mae_by_decade/{k}" in metrics]
+    n = sum(metrics[f"n_by_decade/{k}"] for k in keys)
+    return sum(metrics[f"mae_by_decade/{k}"] * metrics[f"n_by_decade/{k}"] for k in keys) / n if n else None
+
+
+def row(label: str, directory: Path) -> dict[str, Any]:
+    metrics = _read(directory / "metrics.json")
+    if not metrics:
+        raise SystemExit(f"--run {label}={directory}: no metrics.json there; give a run or eval directory")
+    run = _run_of(directory)
+    run_metrics, cfg = _read(run / "metrics.json"), _config(run)
+    data, trainer = cfg.get("data") or {}, cfg.get("trainer") or {}
+    ema = ((cfg.get("callbacks") or {}).get("ema") or {}).get("decay")
+    weights = metrics.get("weights", "checkpoint")
+    decades = {k.split("/")[-1]: v for k, v in metrics.items() if k.startswith("mae_by_decade/")}
+    return {
+        "lever": label,
+        "seed": cfg.get("seed"),
+        "split": (data.get("test_list") or f"hash {data.get('splits')}") + f" ({metrics.get('split', 'test')})",
+        "ages": f"{data.get('min_age', 0)}-{data.get('max_age', 100)}",
+        "image_size": data.get("image_size"),
+        "epochs": run_metrics.get("epochs", trainer.get("max_epochs")),
+        "loss": str((cfg.get("loss") or {}).get("_target_", "")).rsplit(".", 1)[-1],
+        "sampler": data.get("sampler", "shuffle"),
+        "ema": (f"{ema}" if ema is not None else "none") + (" (raw weights)" if weights == "current" else ""),
+        "tta": metrics.get("tta"),
+        "n_test": metrics.get("test/n_images"),
+        "mae": metrics.get("test/mae"),
+        "pearson": metrics.get("test/pearson"),
+        "spearman": metrics.get("test/spearman"),
+        "cs5": metrics.get("test/cs5"),
+        "val_mae": run_metrics.get("val/mae_best") if weights != "current" else None,  # the run's val: the average
+        "fit_min": round(run_metrics["time/fit_s"] / 60, 1) if "time/fit_s" in run_metrics else None,
+        "mae_0_9": decades.get("0-9"),
+        "mae_10_19": decades.get("10-19"),
+        "mae_60_plus": mae_over(metrics, 60, 200),
+        "minors_predicted_adult": metrics.get("test/minors_predicted_adult"),
+        "n_minors": metrics.get("test/n_minors"),
+        "dir": str(directory),
+    }
+
+
+def ensemble_row(label: str, directories: list[Path]) -> dict[str, Any]:
+    """The mean prediction of several runs on the same test images, scored by the metrics every
+    run logs (agecls.models.metrics.stage_metrics, agecls.utils.outputs.metrics_by_decade)."""
+    import torch
+
+    from agecls.models.metrics import stage_metrics
+    from agecls.utils.outputs import metrics_by_decade
+
+    frames = [pd.read_csv(d / "predictions.csv").set_index("path") for d in directories]
+    paths = frames[0].index
+    for d, f in zip(directories[1:], frames[1:], strict=True):
+        if set(f.index) != set(paths) or not (f.loc[paths, "age"].to_numpy() == frames[0]["age"].to_numpy()).all():
+            raise SystemExit(f"--ensemble {label}: {d} did not predict the same test images as {directories[0]}")
+    ages = frames[0]["age"].to_numpy(float)
+    mean = sum(f.loc[paths, "predicted"].to_numpy(float) for f in frames) / len(frames)
+    collection = stage_metrics("test")
+    collection.update(torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(ages, dtype=torch.float32))
+    metrics = {k: float(v) for k, v in collection.compute().items()}
+    metrics.update(metrics_by_decade(pd.DataFrame({"age": ages, "predicted": mean})))
+    members = [row(d.name, d) for d in directories]
+    out = {**members[0], "lever": label, "n_test": len(paths), "mae": metrics["test/mae"],
+           "pearson": metrics["test/pearson"], "spearman": metrics["test/spearman"], "cs5": metrics["test/cs5"],
+           "val_mae": None, "mae_0_9": metrics.get("mae_by_decade/0-9"), "mae_10_19": metrics.get("mae_by_decade/10-19"),
+           "minors_predicted_adult": metrics.get("test/minors_predicted_adult"), "n_minors": metrics.get("test/n_minors"),
+           "dir": ",".join(map(str, directories))}
+    for key in ("image_size", "epochs", "ema", "sampler", "tta", "loss"):
+        out[key] = " + ".join(str(m[key]) for m in members)
+    fits = [m["fit_min"] for m in members]
+    out["fit_min"] = round(sum(fits), 1) if None not in fits else None
+    out["mae_60_plus"] = mae_over(metrics, 60, 200)
+    return out
+
+
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", action="append", default=[], metavar="LABEL=DIR")
+    parser.add_argument("--ensemble", action="append", default=[], metavar="LABEL=DIR1,DIR2[,...]")
+    parser.add_argument("--csv", type=Path, default=None, help="write (or update) this CSV")
+    args = parser.parse_args(argv)
+    rows = []
+    for item in args.run:
+        label, sep, directory = item.partition("=")
+        if not sep or not label or not directory:
+            parser.error(f"--run {item!r}: give LABEL=DIR")
+        rows.append(row(label, Path(directory)))
+    for item in args.ensemble:
+        label, sep, dirs = item.partition("=")
+        members = [Path(d) for d in dirs.split(",") if d]
+        if not sep or not label or len(members) < 2:
+            parser.error(f"--ensemble {item!r}: give LABEL=DIR1,DIR2[,...] (at least two runs)")
+        rows.append(ensemble_row(label, members))
+    if not rows:
+        parser.error("give at least one --run or --ensemble")
+    table = pd.DataFrame(rows)
+    shown = table.drop(columns=["dir"])
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if args.csv is not None:
+        write_replacing(args.csv, table, key=["lever"])
+        print(f"wrote {args.csv}")
+    return table
+
+
+if __name__ == "__main__":
+    main()
