@@ -197,6 +197,12 @@ def _model_rows(hp: Mapping[str, Any], data: Mapping[str, Any], extra: Mapping[s
     if isinstance(loss, Mapping) and loss.get("_target_"):  # (older checkpoints: the study's L1, unnamed)
         params = {k: v for k, v in loss.items() if k != "_target_"}
         rows.append(("Loss", str(loss["_target_"]).rsplit(".", 1)[-1] + (f" ({_fmt(params)})" if params else "")))
+    mixup = hp.get("mixup")
+    if isinstance(mixup, Mapping) and _num(mixup.get("alpha")) and float(mixup["alpha"]) > 0:
+        bw = mixup.get("bandwidth")
+        rows.append(("Mixup", f"Beta({_fmt(float(mixup['alpha']))}) weights, "
+                              + (f"partners of nearby ages (C-Mixup, bandwidth {_fmt(float(bw))} years)" if bw
+                                 else "partners drawn uniformly")))
     if "freeze" in hp:
         rows.append(("Backbone frozen", bool(hp["freeze"])))
     size = hp.get("image_size", data.get("image_size"))

@@ -30,6 +30,7 @@ from agecls.intervals import (
 from agecls.models.backbones import Backbone, build_backbone
 from agecls.models.heads import MLPHead
 from agecls.models.losses import AgeLoss, build_loss, loss_config, loss_name
+from agecls.models.mixup import Mixup
 from agecls.models.metrics import stage_metrics
 from agecls.utils.checkpoint import CheckpointError, read_checkpoint
 from agecls.utils.checks import check_tta
@@ -242,6 +243,7 @@ class AgeRegressor(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         loss: dict[str, Any] | None = None,
+        mixup: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -251,6 +253,7 @@ class AgeRegressor(L.LightningModule):
         # with (one from before losses were configurable has none, and is the study's l1)
         self.hparams.loss = loss_config(loss)
         loss_fn = build_loss(self.hparams.loss)
+        self.mixup = Mixup.from_config(mixup)  # checked here, before any data is read
         trunk = build_backbone(pretrained=pretrained, **backbone)
         trunk.freeze(freeze)
         self.net = AgeNet(
@@ -446,6 +449,10 @@ class AgeRegressor(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         age = batch["age"].float()
+        if self.mixup.enabled:  # the mixed faces (or cached features) and their mixed ages
+            key = "features" if "features" in batch else "image"
+            mixed, age, _ = self.mixup(batch[key], age, self.current_epoch, batch_idx)
+            batch = {**batch, key: mixed}
         output, pred = self._predict(batch)
         loss = self.training_loss(output, age)
         self.train_mae(pred.detach(), age)

@@ -339,6 +339,11 @@ def check_train_config(cfg: Any) -> None:
     dropout = _get(cfg, "model.head_dropout")
     if dropout is not None:
         check_number("model.head_dropout", dropout, minimum=0, below=1)
+    mixup = _get(cfg, "model.mixup")
+    if mixup is not None:
+        from agecls.models.mixup import Mixup  # (torch: only when a config has the option)
+
+        Mixup.from_config(mixup)
     age_std = _get(cfg, "model.age_std")
     if age_std is not None:
         check_number("model.age_std", age_std, above=0)
