@@ -30,8 +30,8 @@ from agecls.intervals import (
 from agecls.models.backbones import Backbone, build_backbone
 from agecls.models.heads import MLPHead
 from agecls.models.losses import AgeLoss, build_loss, loss_config, loss_name
-from agecls.models.mixup import Mixup
 from agecls.models.metrics import stage_metrics
+from agecls.models.mixup import Mixup
 from agecls.utils.checkpoint import CheckpointError, read_checkpoint
 from agecls.utils.checks import check_tta
 
