@@ -9,6 +9,10 @@ costs in minutes and what it gives, with the seed, the split and where the error
 An ensemble of finished runs (the mean of their predicted ages per test image; the same test
 images required), its fit minutes the sum of theirs:  --ensemble "160 + 128 px=DIR1,DIR2"
 
+The spread of a lever over seeds, from rows of the CSV (this run's and earlier ones; the seeds must
+differ and every other setting agree): --spread "best, raw, 3 seeds=best s42,best s1,best s2"
+(a row of mean and standard deviation of each figure, the seeds listed; key `lever`).
+
 Each --run is LABEL=DIR, DIR holding a metrics.json written by agecls.train or agecls.eval (an
 evaluation has no fit time of its own: the fit minutes are read from the training run two levels
 up, `<run>/.../metrics.json`, when DIR lies inside it). The configuration (seed, image size,
@@ -78,6 +82,7 @@ def row(label: str, directory: Path) -> dict[str, Any]:
         "loss": str((cfg.get("loss") or {}).get("_target_", "")).rsplit(".", 1)[-1],
         "sampler": data.get("sampler", "shuffle"),
         "ema": (f"{ema}" if ema is not None else "none") + (" (raw weights)" if weights == "current" else ""),
+        "mixup": _mixup(cfg),
         "tta": metrics.get("tta"),
         "n_test": metrics.get("test/n_images"),
         "mae": metrics.get("test/mae"),
@@ -93,6 +98,53 @@ def row(label: str, directory: Path) -> dict[str, Any]:
         "n_minors": metrics.get("test/n_minors"),
         "dir": str(directory),
     }
+
+
+def _mixup(cfg: dict[str, Any]) -> str:
+    mix = (cfg.get("model") or {}).get("mixup") or {}
+    if not mix.get("alpha"):
+        return "none"
+    bandwidth = mix.get("bandwidth")
+    return f"alpha {mix['alpha']}" + (f", C-Mixup {bandwidth} y" if bandwidth else ", uniform")
+
+
+# the figures a spread row averages; the settings that must agree between its rows
+SPREAD_FIGURES = ("mae", "pearson", "spearman", "cs5", "val_mae", "fit_min", "mae_0_9", "mae_10_19", "mae_60_plus",
+                  "minors_predicted_adult")
+SPREAD_SETTINGS = ("split", "ages", "image_size", "epochs", "loss", "sampler", "ema", "mixup", "tta", "n_test")
+
+
+def _setting(value: Any) -> str:
+    """A setting as text, alike whether it came from a run (int) or back from the CSV (float, NaN)."""
+    if value is None or (isinstance(value, float) and value != value):
+        return "unset"
+    if isinstance(value, (int, float)):
+        return f"{float(value):g}"
+    return str(value)
+
+
+def spread_row(label: str, members: list[str], table: pd.DataFrame) -> dict[str, Any]:
+    """Mean and standard deviation (n - 1) over seeds of the rows `members` of `table`."""
+    rows = table.set_index("lever")
+    missing = [m for m in members if m not in rows.index]
+    if missing:
+        raise SystemExit(f"--spread {label}: no rows {missing} in the table; measure them first (--run)")
+    picked = rows.loc[members].reset_index()
+    if picked["seed"].nunique() != len(members):
+        raise SystemExit(f"--spread {label}: the rows share seeds ({list(picked['seed'])}); a spread needs one row a seed")
+    for key in SPREAD_SETTINGS:
+        values = {_setting(v) for v in picked[key]} if key in picked else set()
+        if len(values) > 1:
+            raise SystemExit(f"--spread {label}: the rows differ in {key} ({sorted(values)}), not only in the seed")
+    out: dict[str, Any] = {"lever": label, "seed": ",".join(str(int(s)) for s in picked["seed"])}
+    for key in SPREAD_SETTINGS:
+        out[key] = picked[key].dropna().iloc[0] if key in picked and picked[key].notna().any() else None
+    for key in SPREAD_FIGURES:
+        values = pd.to_numeric(picked[key], errors="coerce").dropna() if key in picked else pd.Series(dtype=float)
+        out[key] = float(values.mean()) if len(values) == len(members) else None
+        out[f"{key}_sd"] = float(values.std(ddof=1)) if len(values) == len(members) else None
+    out["dir"] = ",".join(members)
+    return out
 
 
 def ensemble_row(label: str, directories: list[Path]) -> dict[str, Any]:
@@ -132,6 +184,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", action="append", default=[], metavar="LABEL=DIR")
     parser.add_argument("--ensemble", action="append", default=[], metavar="LABEL=DIR1,DIR2[,...]")
+    parser.add_argument("--spread", action="append", default=[], metavar="LABEL=LEVER1,LEVER2[,...]")
     parser.add_argument("--csv", type=Path, default=None, help="write (or update) this CSV")
     args = parser.parse_args(argv)
     rows = []
@@ -146,9 +199,25 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         if not sep or not label or len(members) < 2:
             parser.error(f"--ensemble {item!r}: give LABEL=DIR1,DIR2[,...] (at least two runs)")
         rows.append(ensemble_row(label, members))
-    if not rows:
-        parser.error("give at least one --run or --ensemble")
+    spreads = []
+    for item in args.spread:
+        label, sep, levers = item.partition("=")
+        members = [m.strip() for m in levers.split(",") if m.strip()]
+        if not sep or not label or len(members) < 2:
+            parser.error(f"--spread {item!r}: give LABEL=LEVER1,LEVER2[,...] (at least two rows of the CSV)")
+        spreads.append((label, members))
+    if not rows and not spreads:
+        parser.error("give at least one --run, --ensemble or --spread")
     table = pd.DataFrame(rows)
+    if spreads:
+        known = pd.concat([pd.read_csv(args.csv) if args.csv is not None and args.csv.is_file() else pd.DataFrame(),
+                           table], ignore_index=True)
+        if len(known):
+            known = known.drop_duplicates("lever", keep="last")
+        else:
+            parser.error("--spread reads rows of --csv (or of this call's --run): there are none")
+        table = pd.concat([table, pd.DataFrame([spread_row(label, m, known) for label, m in spreads])],
+                          ignore_index=True)
     shown = table.drop(columns=["dir"])
     print(shown.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     if args.csv is not None:

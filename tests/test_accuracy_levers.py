@@ -200,8 +200,12 @@ def test_a_run_writes_the_errors_figure_and_the_card_lists_the_minors(make_cfg) 
 
 
 # ------------------------------------------------------------------- the levers table script
-def _fake_run(directory: Path, ages: np.ndarray, predicted: np.ndarray, fit_s: float) -> Path:
+def _fake_run(directory: Path, ages: np.ndarray, predicted: np.ndarray, fit_s: float,
+              cfg: dict | None = None) -> Path:
     directory.mkdir(parents=True)
+    if cfg is not None:
+        (directory / ".hydra").mkdir()
+        (directory / ".hydra" / "config.yaml").write_text(json.dumps(cfg))  # JSON is YAML
     pd.DataFrame({"path": [f"{i}.jpg" for i in range(len(ages))], "age": ages, "predicted": predicted}).to_csv(
         directory / "predictions.csv", index=False)
     err = np.abs(predicted - ages)
@@ -232,3 +236,35 @@ def test_levers_table_scores_an_ensemble_by_its_mean_prediction(tmp_path: Path) 
     c = _fake_run(tmp_path / "c", ages[:4], ages[:4], 60)
     done = subprocess.run([sys.executable, str(script), "--ensemble", f"bad={a},{c}"], capture_output=True, text=True)
     assert done.returncode != 0 and "did not predict the same test images" in done.stderr
+
+
+def test_levers_spread_is_over_seeds_of_one_setting_and_refuses_mixed_settings(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    ages = np.array([5.0, 15.0, 30.0, 65.0])
+    mix = {"model": {"mixup": {"alpha": 0.4, "bandwidth": 5}}}
+    runs = {f"s{s}": _fake_run(tmp_path / f"s{s}", ages, ages + e, 600, {"seed": s, **mix})
+            for s, e in ((1, 1.0), (2, 2.0), (3, 4.0))}
+    other = _fake_run(tmp_path / "other", ages, ages, 600, {"seed": 4, "data": {"image_size": 160}, **mix})
+    out = tmp_path / "levers.csv"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_levers.py"
+
+    def _call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args, "--csv", str(out)], capture_output=True, text=True)
+
+    done = _call(*(a for k, d in runs.items() for a in ("--run", f"{k}={d}")))
+    assert done.returncode == 0, done.stderr
+    # a later call spreads rows an earlier one wrote
+    done = _call("--spread", "three=s1,s2,s3")
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out).set_index("lever")
+    assert table.loc["s1", "mixup"] == "alpha 0.4, C-Mixup 5 y"
+    assert table.loc["three", "mae"] == pytest.approx(7 / 3)
+    assert table.loc["three", "mae_sd"] == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
+    assert table.loc["three", "seed"] == "1,2,3" and len(table) == 4
+    for bad, why in ((["--run", f"other={other}", "--spread", "x=s1,other"], "differ in image_size"),
+                     (["--spread", "x=s1,s1"], "share seeds"), (["--spread", "x=s1,nope"], "no rows \\['nope'\\]")):
+        done = _call(*bad)
+        assert done.returncode != 0
+        assert __import__("re").search(why, done.stderr), done.stderr
