@@ -57,6 +57,17 @@ def test_mixed_images_and_mixed_ages_are_the_same_combination() -> None:
     assert ((mixed_age >= age.min() - 1e-4) & (mixed_age <= age.max() + 1e-4)).all()
 
 
+def test_pixels_are_mixed_as_floats() -> None:
+    from agecls.models.module import AgeNet
+
+    age = _ages(4)
+    pixels = torch.full((4, 3, 2, 2), 255, dtype=torch.uint8)
+    with pytest.raises(TypeError, match="float inputs"):
+        Mixup(alpha=0.4)(pixels, age, 0, 0)
+    mixed, _, _ = Mixup(alpha=0.4)(AgeNet.float_images(pixels), age, 0, 0)
+    torch.testing.assert_close(mixed, torch.ones(4, 3, 2, 2))  # white mixed with white stays white
+
+
 def test_draws_are_seeded_by_seed_epoch_and_batch() -> None:
     age, images = _ages(16), torch.rand(16, 3, 4, 4)
     a = Mixup(alpha=1.0, seed=9)(images, age, 1, 3)

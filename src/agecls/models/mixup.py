@@ -92,6 +92,8 @@ class Mixup:
         """(mixed inputs, mixed ages, lam (B,) or None when this batch is not mixed)."""
         if not self.enabled or inputs.shape[0] < 2:
             return inputs, age, None
+        if not inputs.is_floating_point():  # uint8 pixels would round every weight to 0 or 1
+            raise TypeError(f"mixup mixes float inputs; got {inputs.dtype} (AgeNet.float_images converts pixels)")
         rng = self.generator(epoch, batch_idx)
         if self.prob < 1 and rng.random() >= self.prob:
             return inputs, age, None

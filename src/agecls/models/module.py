@@ -72,11 +72,14 @@ class AgeNet(nn.Module):
         self.register_buffer("age_min", torch.tensor(DEFAULT_AGE_RANGE[0]), persistent=False)
         self.register_buffer("age_max", torch.tensor(DEFAULT_AGE_RANGE[1]), persistent=False)
 
+    @staticmethod
+    def float_images(images: torch.Tensor) -> torch.Tensor:
+        """uint8 (0..255) RGB images as float in [0, 1]; float images as they are."""
+        return images.float().div(255.0) if images.dtype == torch.uint8 else images
+
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features of uint8 (0..255) or float ([0, 1]) RGB images."""
-        if images.dtype == torch.uint8:
-            images = images.float().div(255.0)
-        x = (images - self.pixel_mean) / self.pixel_std
+        x = (self.float_images(images) - self.pixel_mean) / self.pixel_std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.backbone(x)
@@ -451,7 +454,8 @@ class AgeRegressor(L.LightningModule):
         age = batch["age"].float()
         if self.mixup.enabled:  # the mixed faces (or cached features) and their mixed ages
             key = "features" if "features" in batch else "image"
-            mixed, age, _ = self.mixup(batch[key], age, self.current_epoch, batch_idx)
+            inputs = batch[key] if key == "features" else self.net.float_images(batch[key])
+            mixed, age, _ = self.mixup(inputs, age, self.current_epoch, batch_idx)
             batch = {**batch, key: mixed}
         output, pred = self._predict(batch)
         loss = self.training_loss(output, age)
