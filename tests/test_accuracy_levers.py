@@ -268,3 +268,33 @@ def test_levers_spread_is_over_seeds_of_one_setting_and_refuses_mixed_settings(t
         done = _call(*bad)
         assert done.returncode != 0
         assert __import__("re").search(why, done.stderr), done.stderr
+
+
+def test_label_distribution_tails_reports_the_far_mass_of_a_trained_model(make_cfg, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cfg = make_cfg("loss=dldl_v2", "trainer.max_epochs=1")
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    ckpt = json.loads((run / "metrics.json").read_text())["best_checkpoint"]
+    preds = pd.read_csv(run / "predictions.csv")
+    out = tmp_path / "tails.csv"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "label_distribution_tails.py"
+    done = subprocess.run([sys.executable, str(script), "--ckpt", ckpt, "--predictions", str(run / "predictions.csv"),
+                           "--root", str(cfg.data.root or tmp_path), "--label", "tiny", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    table = pd.read_csv(out).set_index("decade")
+    assert table.loc["all", "faces"] == len(preds)
+    assert ((table["peak"] > 0) & (table["peak"] <= 1)).all()
+    assert ((table["far_below"] >= 0) & (table["far_below"] + table["far_above"] <= 1 + 1e-9)).all()
+    assert (table["central90_width"] >= 0).all()
+    # the expected age the script reads agrees with what the test stage predicted (unclipped, no TTA)
+    assert table.loc["all", "mae"] == pytest.approx((preds["predicted_raw"] - preds["age"]).abs().mean(), abs=0.05)
+    l1 = make_cfg("loss=l1", "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'l1'}")
+    train(l1)
+    l1_ckpt = json.loads((Path(l1.paths.output_dir) / "metrics.json").read_text())["best_checkpoint"]
+    done = subprocess.run([sys.executable, str(script), "--ckpt", l1_ckpt, "--predictions",
+                           str(run / "predictions.csv"), "--root", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode != 0 and "predicts a point" in done.stderr
