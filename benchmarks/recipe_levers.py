@@ -11,7 +11,8 @@ images required), its fit minutes the sum of theirs:  --ensemble "160 + 128 px=D
 
 The spread of a lever over seeds, from rows of the CSV (this run's and earlier ones; the seeds must
 differ and every other setting agree): --spread "best, raw, 3 seeds=best s42,best s1,best s2"
-(a row of mean and standard deviation of each figure, the seeds listed; key `lever`).
+(a row of mean and standard deviation of each figure, the seeds listed; key `lever`; the rows
+named must have labels without commas).
 
 Each --run is LABEL=DIR, DIR holding a metrics.json written by agecls.train or agecls.eval (an
 evaluation has no fit time of its own: the fit minutes are read from the training run two levels
