@@ -164,7 +164,7 @@ def ensemble_row(label: str, directories: list[Path]) -> dict[str, Any]:
     ages = frames[0]["age"].to_numpy(float)
     mean = sum(f.loc[paths, "predicted"].to_numpy(float) for f in frames) / len(frames)
     collection = stage_metrics("test")
-    collection.update(torch.as_tensor(mean, dtype=torch.float32), torch.as_tensor(ages, dtype=torch.float32))
+    collection.update(torch.tensor(mean, dtype=torch.float32), torch.tensor(ages, dtype=torch.float32))
     metrics = {k: float(v) for k, v in collection.compute().items()}
     metrics.update(metrics_by_decade(pd.DataFrame({"age": ages, "predicted": mean})))
     members = [row(d.name, d) for d in directories]
@@ -173,7 +173,7 @@ def ensemble_row(label: str, directories: list[Path]) -> dict[str, Any]:
            "val_mae": None, "mae_0_9": metrics.get("mae_by_decade/0-9"), "mae_10_19": metrics.get("mae_by_decade/10-19"),
            "minors_predicted_adult": metrics.get("test/minors_predicted_adult"), "n_minors": metrics.get("test/n_minors"),
            "dir": ",".join(map(str, directories))}
-    for key in ("image_size", "epochs", "ema", "sampler", "tta", "loss"):
+    for key in ("seed", "image_size", "epochs", "ema", "mixup", "sampler", "tta", "loss"):
         out[key] = " + ".join(str(m[key]) for m in members)
     fits = [m["fit_min"] for m in members]
     out["fit_min"] = round(sum(fits), 1) if None not in fits else None
