@@ -39,7 +39,12 @@ def distributions(ckpt: Path, paths: list[str], weights: str, batch_size: int = 
     from agecls.deploy import preprocess, preprocessing_spec, to_input
     from agecls.eval import load_checkpoint
 
-    model, _ = load_checkpoint(ckpt, weights=weights)
+    model, checkpoint = load_checkpoint(ckpt, weights=weights)
+    data = checkpoint.get("datamodule_hyper_parameters") or {}
+    if data.get("align") or data.get("face_margin"):
+        raise SystemExit(f"--ckpt {ckpt}: it was trained on aligned or face-box crops (data.align={data.get('align')}, "
+                         f"data.face_margin={data.get('face_margin')}); this script reads whole images, as UTKFace's "
+                         "crops are, and would measure other pictures than the model saw")
     model.eval()
     loss = model.net.loss
     if not hasattr(loss, "distribution") or getattr(loss, "interval_base", None) != "distribution":

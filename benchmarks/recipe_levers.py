@@ -112,6 +112,8 @@ def _mixup(cfg: dict[str, Any]) -> str:
 # the figures a spread row averages; the settings that must agree between its rows
 SPREAD_FIGURES = ("mae", "pearson", "spearman", "cs5", "val_mae", "fit_min", "mae_0_9", "mae_10_19", "mae_60_plus",
                   "minors_predicted_adult")
+# the value of a setting in rows written before its column was added (older CSV rows read it back empty)
+COLUMN_DEFAULTS = {"mixup": "none"}
 SPREAD_SETTINGS = ("split", "ages", "image_size", "epochs", "loss", "sampler", "ema", "mixup", "tta", "n_test")
 
 
@@ -131,13 +133,19 @@ def spread_row(label: str, members: list[str], table: pd.DataFrame) -> dict[str,
     if missing:
         raise SystemExit(f"--spread {label}: no rows {missing} in the table; measure them first (--run)")
     picked = rows.loc[members].reset_index()
-    if picked["seed"].nunique() != len(members):
+    seeds = pd.to_numeric(picked["seed"], errors="coerce")
+    if seeds.isna().any() or (seeds != seeds.round()).any():
+        raise SystemExit(f"--spread {label}: rows {list(picked.loc[seeds.isna(), 'lever'])} have no single seed "
+                         f"({list(picked['seed'])}); a spread is over single-seed runs")
+    if seeds.nunique() != len(members):
         raise SystemExit(f"--spread {label}: the rows share seeds ({list(picked['seed'])}); a spread needs one row a seed")
+    # rows written before a column existed read it back empty: what it records was then the default
+    picked = picked.fillna({k: v for k, v in COLUMN_DEFAULTS.items() if k in picked})
     for key in SPREAD_SETTINGS:
         values = {_setting(v) for v in picked[key]} if key in picked else set()
         if len(values) > 1:
             raise SystemExit(f"--spread {label}: the rows differ in {key} ({sorted(values)}), not only in the seed")
-    out: dict[str, Any] = {"lever": label, "seed": ",".join(str(int(s)) for s in picked["seed"])}
+    out: dict[str, Any] = {"lever": label, "seed": ",".join(str(int(s)) for s in seeds)}
     for key in SPREAD_SETTINGS:
         out[key] = picked[key].dropna().iloc[0] if key in picked and picked[key].notna().any() else None
     for key in SPREAD_FIGURES:

@@ -298,3 +298,27 @@ def test_label_distribution_tails_reports_the_far_mass_of_a_trained_model(make_c
     done = subprocess.run([sys.executable, str(script), "--ckpt", l1_ckpt, "--predictions",
                            str(run / "predictions.csv"), "--root", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode != 0 and "predicts a point" in done.stderr
+
+
+def test_levers_spread_reads_rows_written_before_the_mixup_column_and_refuses_ensembles(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    ages = np.array([5.0, 15.0, 30.0, 65.0])
+    a = _fake_run(tmp_path / "a", ages, ages + 1.0, 600, {"seed": 1})
+    b = _fake_run(tmp_path / "b", ages, ages + 3.0, 600, {"seed": 2})
+    out = tmp_path / "levers.csv"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_levers.py"
+
+    def _call(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args, "--csv", str(out)], capture_output=True, text=True)
+
+    assert _call("--run", f"a={a}", "--run", f"b={b}", "--ensemble", f"a+b={a},{b}").returncode == 0
+    old = pd.read_csv(out)
+    old.loc[old["lever"] == "a", "mixup"] = None  # a row from before the column existed
+    old.to_csv(out, index=False)
+    done = _call("--spread", "ab=a,b")
+    assert done.returncode == 0, done.stderr
+    assert pd.read_csv(out).set_index("lever").loc["ab", "mae"] == pytest.approx(2.0)
+    done = _call("--spread", "bad=a,a+b")
+    assert done.returncode != 0 and "no single seed" in done.stderr

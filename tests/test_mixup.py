@@ -74,8 +74,9 @@ def test_draws_are_seeded_by_seed_epoch_and_batch() -> None:
     b = Mixup(alpha=1.0, seed=9)(images, age, 1, 3)
     c = Mixup(alpha=1.0, seed=9)(images, age, 1, 4)
     d = Mixup(alpha=1.0, seed=10)(images, age, 1, 3)
+    other_rank = Mixup(alpha=1.0, seed=9)(images, age, 1, 3, rank=1)  # each DDP process draws its own
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    assert not torch.equal(a[1], c[1]) and not torch.equal(a[1], d[1])
+    assert not torch.equal(a[1], c[1]) and not torch.equal(a[1], d[1]) and not torch.equal(a[1], other_rank[1])
 
 
 def test_off_settings_leave_the_batch_alone() -> None:
@@ -93,6 +94,8 @@ def test_off_settings_leave_the_batch_alone() -> None:
     ("model.mixup.bandwidth=0", "model.mixup.bandwidth=0"),
     ("model.mixup.prob=1.5", "model.mixup.prob=1.5"),
     ("+model.mixup.sigma=2", "unknown keys \\['sigma'\\]"),
+    ("model.mixup.alpha=true", "model.mixup.alpha=True"),
+    ("model.mixup.seed=1.5", "model.mixup.seed=1.5"),
 ])
 def test_bad_mixup_options_are_refused_before_any_work(override: str, match: str, tmp_path: Path) -> None:
     cfg = compose_cfg([override], tmp_path)

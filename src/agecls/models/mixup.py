@@ -9,7 +9,9 @@ often hurts regression; C-Mixup (Yao et al., NeurIPS 2022) draws each face's par
 probability proportional to exp(-(y_i - y_j)^2 / (2 bandwidth^2)), so faces are mixed with faces of
 nearby ages. `bandwidth` selects it (years; null = the partner drawn uniformly, Zhang et al.).
 
-Partners are drawn within the batch (never the face itself), lam per face. The draws come from a
+Partners are drawn within the batch and never the face itself (unlike C-Mixup's kernel over the
+whole training set, which may draw the face itself: here a face whose age is alone in its batch is
+mixed with its nearest batch-mate, however far), lam per face. The draws come from a
 generator seeded by (seed, epoch, batch index), so runs repeat and resume exactly. Only training
 batches are mixed; with cached backbone features (data.feature_cache) the features are mixed
 instead of the pixels (mixup at the backbone's output).
@@ -42,14 +44,18 @@ class Mixup:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.alpha, (int, float)) and self.alpha >= 0 and np.isfinite(self.alpha)):
+        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha >= 0 and np.isfinite(self.alpha)):
             raise ConfigValueError(f"model.mixup.alpha={self.alpha!r}: it must be a number >= 0 (0 turns mixup off; "
                              "0.2-0.4 is usual)")
-        if self.bandwidth is not None and not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0):
+        if self.bandwidth is not None and (isinstance(self.bandwidth, bool)
+                                           or not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0)):
             raise ConfigValueError(f"model.mixup.bandwidth={self.bandwidth!r}: it must be a width in years > 0, or null "
                              "for partners drawn uniformly")
-        if not (isinstance(self.prob, (int, float)) and 0 <= self.prob <= 1):
+        if not (isinstance(self.prob, (int, float)) and not isinstance(self.prob, bool) and 0 <= self.prob <= 1):
             raise ConfigValueError(f"model.mixup.prob={self.prob!r}: it must be a share between 0 and 1")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ConfigValueError(f"model.mixup.seed={self.seed!r}: it must be a whole number, or null for the "
+                                   "process's torch seed (the default, ${seed}, is the run's seed)")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> Mixup:
@@ -63,9 +69,13 @@ class Mixup:
     def enabled(self) -> bool:
         return self.alpha > 0 and self.prob > 0
 
-    def generator(self, epoch: int, batch_idx: int) -> np.random.Generator:
+    def generator(self, epoch: int, batch_idx: int, rank: int = 0) -> np.random.Generator:
+        """The draws of one batch of one process (`rank`: each DDP process mixes its own batch with
+        its own draws). With seed None the process's torch seed is used: a run with seed=null
+        repeats only if that seed is set again."""
         seed = int(torch.initial_seed()) if self.seed is None else int(self.seed)
-        return np.random.default_rng(np.random.SeedSequence([seed % 2**63, int(epoch), int(batch_idx), _SALT]))
+        return np.random.default_rng(np.random.SeedSequence([seed % 2**63, int(epoch), int(batch_idx), int(rank),
+                                                             _SALT]))
 
     def partners(self, age: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
         """(B,) the index of each face's partner in the batch, never the face itself (a batch of one
@@ -87,14 +97,14 @@ class Mixup:
         u = rng.random(n)[:, None] * cdf[:, -1:]
         return np.minimum((cdf <= u).sum(axis=1), n - 1).astype(np.int64)
 
-    def __call__(self, inputs: torch.Tensor, age: torch.Tensor, epoch: int,
-                 batch_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def __call__(self, inputs: torch.Tensor, age: torch.Tensor, epoch: int, batch_idx: int,
+                 rank: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(mixed inputs, mixed ages, lam (B,) or None when this batch is not mixed)."""
         if not self.enabled or inputs.shape[0] < 2:
             return inputs, age, None
         if not inputs.is_floating_point():  # uint8 pixels would round every weight to 0 or 1
             raise TypeError(f"mixup mixes float inputs; got {inputs.dtype} (AgeNet.float_images converts pixels)")
-        rng = self.generator(epoch, batch_idx)
+        rng = self.generator(epoch, batch_idx, rank)
         if self.prob < 1 and rng.random() >= self.prob:
             return inputs, age, None
         j = torch.from_numpy(self.partners(age, rng)).to(inputs.device)

@@ -455,7 +455,7 @@ class AgeRegressor(L.LightningModule):
         if self.mixup.enabled:  # the mixed faces (or cached features) and their mixed ages
             key = "features" if "features" in batch else "image"
             inputs = batch[key] if key == "features" else self.net.float_images(batch[key])
-            mixed, age, _ = self.mixup(inputs, age, self.current_epoch, batch_idx)
+            mixed, age, _ = self.mixup(inputs, age, self.current_epoch, batch_idx, self.global_rank)
             batch = {**batch, key: mixed}
         output, pred = self._predict(batch)
         loss = self.training_loss(output, age)
