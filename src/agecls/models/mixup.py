@@ -11,9 +11,9 @@ nearby ages. `bandwidth` selects it (years; null = the partner drawn uniformly, 
 
 Partners are drawn within the batch and never the face itself (unlike C-Mixup's kernel over the
 whole training set, which may draw the face itself: here a face whose age is alone in its batch is
-mixed with its nearest batch-mate, however far), lam per face. The draws come from a
-generator seeded by (seed, epoch, batch index), so runs repeat and resume exactly. Only training
-batches are mixed; with cached backbone features (data.feature_cache) the features are mixed
+mixed with its nearest batch-mate, however far), lam per face. The draws come from a generator
+seeded by (seed, epoch, batch index, DDP rank), so runs with a seed repeat and resume exactly. Only
+training batches are mixed; with cached backbone features (data.feature_cache) the features are mixed
 instead of the pixels (mixup at the backbone's output).
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from agecls.utils.checks import ConfigValueError
+from agecls.utils.checks import ConfigValueError, check_number, check_seed
 
 # keeps mixup's draws apart from those of the sampler and the augmentation, seeded from the same seed
 _SALT = 0x6D697875
@@ -44,18 +44,12 @@ class Mixup:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and self.alpha >= 0 and np.isfinite(self.alpha)):
-            raise ConfigValueError(f"model.mixup.alpha={self.alpha!r}: it must be a number >= 0 (0 turns mixup off; "
-                             "0.2-0.4 is usual)")
-        if self.bandwidth is not None and (isinstance(self.bandwidth, bool)
-                                           or not (isinstance(self.bandwidth, (int, float)) and self.bandwidth > 0)):
-            raise ConfigValueError(f"model.mixup.bandwidth={self.bandwidth!r}: it must be a width in years > 0, or null "
-                             "for partners drawn uniformly")
-        if not (isinstance(self.prob, (int, float)) and not isinstance(self.prob, bool) and 0 <= self.prob <= 1):
-            raise ConfigValueError(f"model.mixup.prob={self.prob!r}: it must be a share between 0 and 1")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ConfigValueError(f"model.mixup.seed={self.seed!r}: it must be a whole number, or null for the "
-                                   "process's torch seed (the default, ${seed}, is the run's seed)")
+        check_number("model.mixup.alpha", self.alpha, minimum=0, why=" (0 turns mixup off; 0.2-0.4 is usual)")
+        if self.bandwidth is not None:
+            check_number("model.mixup.bandwidth", self.bandwidth, above=0,
+                         why=" (a width in years; null draws partners uniformly)")
+        check_number("model.mixup.prob", self.prob, minimum=0, maximum=1, why=" (the share of batches mixed)")
+        check_seed("model.mixup.seed", self.seed, allow_none=True)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None) -> Mixup:
