@@ -236,3 +236,33 @@ def test_data_align_detects_once_and_loads_the_aligned_crop(tmp_path, detector) 
     # a box elsewhere (no face there): no alignment, the box crop is kept
     elsewhere = records.assign(face_box=[(0.0, 0.0, 60.0, 60.0)])
     assert add_alignment(elsewhere, DEFAULT_DETECTOR, cache)["face_align"].iloc[0] is None
+
+
+def test_data_align_keeps_the_faces_found_when_detection_is_interrupted(tmp_path, monkeypatch) -> None:
+    """The detection cache is written as it goes: a run stopped midway (Ctrl-C, a crash) does not
+    detect again the photos it had done, and the ones it had not are detected on the next run."""
+    import agecls.data.align as align_module
+
+    photos = []
+    for k in range(3):
+        photo = tmp_path / f"raw{k}.jpg"
+        Image.fromarray(_canvas([(CROPS[k], 150, 70, 260)], (620, 420))).save(photo, quality=95)
+        photos.append(str(photo))
+    records = pd.DataFrame({"path": photos, "age": [30.0] * 3, "sha1": [f"{k}" * 40 for k in range(3)]})
+    monkeypatch.setattr(align_module, "SAVE_EVERY", 1)
+    original, calls = align_module._align_one, []
+
+    def stop_at_third(job):
+        calls.append(job[0])
+        if job[0] == photos[2]:
+            raise KeyboardInterrupt
+        return original(job)
+
+    monkeypatch.setattr(align_module, "_align_one", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        add_alignment(records, DEFAULT_DETECTOR, tmp_path / "cache")
+    calls.clear()
+    monkeypatch.setattr(align_module, "_align_one", lambda job: calls.append(job[0]) or original(job))
+    aligned = add_alignment(records, DEFAULT_DETECTOR, tmp_path / "cache")
+    assert calls == [photos[2]]  # only the photo the first run never finished
+    assert all(a is not None and len(a) == 8 for a in aligned["face_align"])

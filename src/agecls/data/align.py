@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -30,10 +31,12 @@ from PIL import Image
 
 from agecls.data.images import exif_orientation, load_rgb
 from agecls.faces import Face, alignment_matrix, build_detector, face_template
+from agecls.utils.progress import progress
 
 log = logging.getLogger(__name__)
 
 ALIGN_VERSION = 1  # bump when the meaning of a cached alignment changes
+SAVE_EVERY = 512  # detections between two writes of the cache
 
 
 def upright_box(box: Sequence[float], orientation: int, size: tuple[int, int]) -> tuple[float, float, float, float]:
@@ -101,6 +104,14 @@ def cache_file_for(cache_dir: str | Path, detector: str, min_size: int) -> Path:
     return Path(cache_dir) / "faces" / f"align-{detector}-{tag}.csv"
 
 
+def _save(cache: Path, known: dict[str, list[float] | None]) -> None:
+    """Write the detections found so far, atomically (a reader never sees half a file)."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp-{os.getpid()}")
+    pd.DataFrame({"key": list(known), "align": [json.dumps(v) if v else "" for v in known.values()]}).to_csv(tmp, index=False)
+    tmp.replace(cache)
+
+
 def add_alignment(records: pd.DataFrame, detector: str, cache_dir: str | Path | None, min_size: int = 30,
                   workers: int = 1) -> pd.DataFrame:
     """`records` with a `face_align` column (see the module docstring): detected once, cached."""
@@ -117,18 +128,20 @@ def add_alignment(records: pd.DataFrame, detector: str, cache_dir: str | Path | 
     if todo:
         log.info("data.align: detecting faces (%s) in %d of %d images (the rest cached)", detector, len(todo), len(keys))
         jobs = [(str(records["path"].iloc[i]), boxes[i], detector, int(min_size)) for i in todo]
-        if workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                found = list(pool.map(_align_one, jobs, chunksize=16))
-        else:
-            found = [_align_one(job) for job in jobs]
-        for i, a in zip(todo, found, strict=True):
-            known[keys[i]] = a
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp-{abs(hash(str(cache)))}")
-            pd.DataFrame({"key": list(known), "align": [json.dumps(v) if v else "" for v in known.values()]}).to_csv(tmp, index=False)
-            tmp.replace(cache)
+        pool = ProcessPoolExecutor(max_workers=workers) if workers > 1 and len(jobs) > 1 else None
+        try:
+            with progress(total=len(jobs), desc=f"Detecting faces ({detector})", unit="img", mininterval=2) as bar:
+                for start in range(0, len(jobs), SAVE_EVERY):
+                    chunk = jobs[start:start + SAVE_EVERY]
+                    found = list(pool.map(_align_one, chunk, chunksize=16)) if pool else [_align_one(j) for j in chunk]
+                    for i, a in zip(todo[start:start + SAVE_EVERY], found, strict=True):
+                        known[keys[i]] = a
+                    if cache is not None:  # after every chunk: an interrupted detection keeps what it found
+                        _save(cache, known)
+                    bar.update(len(chunk))
+        finally:
+            if pool is not None:
+                pool.shutdown()
     aligns = [tuple(known[k]) if known[k] else None for k in keys]
     missing = sum(a is None for a in aligns)
     if missing:
