@@ -322,3 +322,64 @@ def test_levers_spread_reads_rows_written_before_the_mixup_column_and_refuses_en
     assert pd.read_csv(out).set_index("lever").loc["ab", "mae"] == pytest.approx(2.0)
     done = _call("--spread", "bad=a,a+b")
     assert done.returncode != 0 and "no single seed" in done.stderr
+
+
+def _interval_bases():
+    import importlib
+    import sys
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if bench not in sys.path:
+        sys.path.insert(0, bench)
+    return importlib.import_module("interval_bases")
+
+
+def test_interval_bases_quantiles_and_hpd_agree_with_the_model_and_a_brute_force_search() -> None:
+    from agecls.models.losses import DLDLv2Loss
+    from agecls.models.module import AgeNet
+
+    ib = _interval_bases()
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 101, generator=gen) * 3
+    loss = DLDLv2Loss()
+    net = AgeNet.__new__(AgeNet)  # only the loss is used by _base_interval
+    torch.nn.Module.__init__(net)
+    net.loss = loss
+    _, low, high = net._base_interval(logits, [0.9])
+    p = loss.distribution(logits).double().numpy()
+    ages = loss.ages.double().numpy()
+    assert np.allclose(ib.quantiles(p, ages, 0.05), low[:, 0].numpy(), atol=1e-3)
+    assert np.allclose(ib.quantiles(p, ages, 0.95), high[:, 0].numpy(), atol=1e-3)
+    # the shortest run of classes holding 0.8 of the mass, found by trying every run
+    lo, hi = ib.hpd(p, ages, 0.8)
+    cdf = np.concatenate([np.zeros((len(p), 1)), np.cumsum(p, axis=1)], axis=1)
+    for r in range(len(p)):
+        widths = [j - i for i in range(101) for j in range(i + 1, 102) if cdf[r, j] - cdf[r, i] >= 0.8 - 1e-12]
+        assert hi[r] - lo[r] == pytest.approx(min(widths))
+        assert p[r][int(lo[r] + 0.5):int(hi[r] + 0.5)].sum() >= 0.8 - 1e-9
+
+
+def test_interval_bases_calibrated_on_a_split_cover_it_and_follow_the_spread_of_each_face() -> None:
+    ib = _interval_bases()
+    rng = np.random.default_rng(0)
+    ages = np.arange(101, dtype=float)
+    centre = rng.uniform(10, 80, 3000)
+    spread = np.where(centre > 40, 8.0, 2.0)  # older faces: wider distributions, and larger errors
+    age = np.clip(centre + rng.normal(0, 1, 3000) * spread, 0, 100)
+    p = np.exp(-0.5 * ((ages[None, :] - centre[:, None]) / spread[:, None]) ** 2)
+    p /= p.sum(1, keepdims=True)
+    bases = ib.base_intervals(p, ages, 0.9)
+    out = ib.calibrated(bases, bases, age, 0.9, (0.0, 100.0))
+    assert set(out) == set(ib.BASES)
+    for name, (low, high, _) in out.items():
+        assert ((age >= low) & (age <= high)).mean() >= 0.9, name  # conformal: at least c on its own split
+    young = centre <= 40
+    width = {name: high - low for name, (low, high, _) in out.items()}
+    # a per-face base is narrower for the faces it is surer of; the point base is one width for all
+    for name in ("central", "central50", "hpd", "scaled"):
+        assert width[name][young].mean() < width[name][~young].mean() - 5, name
+    for name in ("central", "hpd", "scaled"):  # central50's additive margin is most of its width
+        assert width[name][young].mean() < width[name][~young].mean() / 2, name
+    assert np.ptp(width["point"][(centre > 15) & (centre < 85)]) < 1e-9
+    table = ib.table(age, out, "fake", 0.9)
+    assert set(table["base"]) == set(ib.BASES) and (table.query("group == 'all'")["faces"] == 3000).all()
