@@ -133,16 +133,18 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     split = pd.read_csv(args.split)
     if not {"path", "age", "split"} <= set(split.columns):
         parser.error(f"--split {args.split}: needs the columns path, age and split; it has {list(split.columns)}")
-    parts = {}
+    chosen = {}
     for name in ("val", "test"):
         part = split[split["split"] == name]
-        if args.limit:
-            part = part.head(args.limit)
-        if part.empty:
+        chosen[name] = part.head(args.limit) if args.limit else part
+        if chosen[name].empty:
             parser.error(f"--split {args.split}: no {name} faces")
-        paths = [p if Path(p).is_absolute() else str(args.root / p) for p in part["path"].astype(str)]
-        p, ages = distributions(args.ckpt, paths, args.weights)
-        parts[name] = (p, part["age"].to_numpy(float))
+    faces = pd.concat(chosen.values())
+    paths = [p if Path(p).is_absolute() else str(args.root / p) for p in faces["path"].astype(str)]
+    p, ages = distributions(args.ckpt, paths, args.weights)  # the checkpoint read once, both splits at once
+    n_val = len(chosen["val"])
+    parts = {"val": (p[:n_val], chosen["val"]["age"].to_numpy(float)),
+             "test": (p[n_val:], chosen["test"]["age"].to_numpy(float))}
     age_range = (float(ages[0]), float(ages[-1]))
     val = base_intervals(parts["val"][0], ages, args.coverage)
     test = base_intervals(parts["test"][0], ages, args.coverage)
