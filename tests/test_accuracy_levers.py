@@ -292,6 +292,16 @@ def test_label_distribution_tails_reports_the_far_mass_of_a_trained_model(make_c
     assert (table["central90_width"] >= 0).all()
     # the expected age the script reads agrees with what the test stage predicted (unclipped, no TTA)
     assert table.loc["all", "mae"] == pytest.approx((preds["predicted_raw"] - preds["age"]).abs().mean(), abs=0.05)
+    # interval_bases.py on the same run: its val and test faces from split.csv (paths relative to the
+    # data root, images/NAME.jpg for the synthetic set), every base calibrated
+    bases_out = tmp_path / "bases.csv"
+    done = subprocess.run([sys.executable, str(script.with_name("interval_bases.py")), "--ckpt", ckpt, "--split",
+                           str(run / "split.csv"), "--root", str(Path(preds["path"][0]).parents[1]), "--label", "tiny",
+                           "--out", str(bases_out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    bases = pd.read_csv(bases_out).query("group == 'all'").set_index("base")
+    assert set(bases.index) == {"central", "central50", "hpd", "point", "scaled"}
+    assert (bases["faces"] == len(preds)).all()  # every test face, none of the val faces
     l1 = make_cfg("loss=l1", "trainer.max_epochs=1", f"paths.output_dir={tmp_path / 'l1'}")
     train(l1)
     l1_ckpt = json.loads((Path(l1.paths.output_dir) / "metrics.json").read_text())["best_checkpoint"]
