@@ -17,7 +17,7 @@ named must have labels without commas).
 Each --run is LABEL=DIR, DIR holding a metrics.json written by agecls.train or agecls.eval (an
 evaluation has no fit time of its own: the fit minutes are read from the training run two levels
 up, `<run>/.../metrics.json`, when DIR lies inside it). The configuration (seed, image size,
-epochs, EMA, sampler, test list) comes from DIR/.hydra/config.yaml or the run's. A rerun with the
+epochs, EMA, sampler, augmentations, alignment, optimizer, test list) comes from DIR/.hydra/config.yaml or the run's. A rerun with the
 same labels replaces their rows in the CSV and keeps the others (benchmarks/results_csv.py).
 """
 
@@ -84,6 +84,9 @@ def row(label: str, directory: Path) -> dict[str, Any]:
         "sampler": data.get("sampler", "shuffle"),
         "ema": (f"{ema}" if ema is not None else "none") + (" (raw weights)" if weights == "current" else ""),
         "mixup": _mixup(cfg),
+        "augment": _augment(data),
+        "align": str(data.get("align_detector", "mtcnn")) if data.get("align") else "none",
+        "optimizer": _optimizer(cfg),
         "tta": metrics.get("tta"),
         "n_test": metrics.get("test/n_images"),
         "mae": metrics.get("test/mae"),
@@ -109,12 +112,33 @@ def _mixup(cfg: dict[str, Any]) -> str:
     return f"alpha {mix['alpha']}" + (f", C-Mixup {bandwidth} y" if bandwidth else ", uniform")
 
 
+def _augment(data: dict[str, Any]) -> str:
+    """The training augmentations a run had on, e.g. hflip+jitter+crop (the recipe's light set)."""
+    aug = data.get("augment") or {}
+    if not aug or not aug.get("enabled", True):
+        return "none"
+    on = {"hflip": bool(aug.get("hflip")), "jitter": any(aug.get("color_jitter") or []),
+          "rotation": bool(aug.get("rotation")), "crop": aug.get("resized_crop_scale") is not None,
+          "affine": any(aug.get(k) is not None for k in ("affine_translate", "affine_scale", "affine_shear"))}
+    return "+".join(k for k, v in on.items() if v) or "none"
+
+
+def _optimizer(cfg: dict[str, Any]) -> str:
+    """The optimizer's class and its weight decay where it has one, e.g. AdamW wd 0.05."""
+    opt = cfg.get("optimizer") or {}
+    name = str(opt.get("_target_", "")).rsplit(".", 1)[-1] or "unset"
+    decay = opt.get("weight_decay")
+    return name + (f" wd {float(decay):g}" if isinstance(decay, (int, float)) and decay else "")
+
+
 # the figures a spread row averages; the settings that must agree between its rows
 SPREAD_FIGURES = ("mae", "pearson", "spearman", "cs5", "val_mae", "fit_min", "mae_0_9", "mae_10_19", "mae_60_plus",
                   "minors_predicted_adult")
 # the value of a setting in rows written before its column was added (older CSV rows read it back empty)
-COLUMN_DEFAULTS = {"mixup": "none"}
-SPREAD_SETTINGS = ("split", "ages", "image_size", "epochs", "loss", "sampler", "ema", "mixup", "tta", "n_test")
+# (no default for augment: rows before it had either set, so they read "unset" and spread only alike)
+COLUMN_DEFAULTS = {"mixup": "none", "align": "none", "optimizer": "Adam"}
+SPREAD_SETTINGS = ("split", "ages", "image_size", "epochs", "loss", "sampler", "ema", "mixup", "augment", "align",
+                   "optimizer", "tta", "n_test")
 
 
 def _setting(value: Any) -> str:
@@ -181,7 +205,7 @@ def ensemble_row(label: str, directories: list[Path]) -> dict[str, Any]:
            "val_mae": None, "mae_0_9": metrics.get("mae_by_decade/0-9"), "mae_10_19": metrics.get("mae_by_decade/10-19"),
            "minors_predicted_adult": metrics.get("test/minors_predicted_adult"), "n_minors": metrics.get("test/n_minors"),
            "dir": ",".join(map(str, directories))}
-    for key in ("seed", "image_size", "epochs", "ema", "mixup", "sampler", "tta", "loss"):
+    for key in ("seed", "image_size", "epochs", "ema", "mixup", "augment", "align", "optimizer", "sampler", "tta", "loss"):
         out[key] = " + ".join(str(m[key]) for m in members)
     fits = [m["fit_min"] for m in members]
     out["fit_min"] = round(sum(fits), 1) if None not in fits else None

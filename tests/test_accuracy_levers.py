@@ -247,6 +247,12 @@ def test_levers_spread_is_over_seeds_of_one_setting_and_refuses_mixed_settings(t
     runs = {f"s{s}": _fake_run(tmp_path / f"s{s}", ages, ages + e, 600, {"seed": s, **mix})
             for s, e in ((1, 1.0), (2, 2.0), (3, 4.0))}
     other = _fake_run(tmp_path / "other", ages, ages, 600, {"seed": 4, "data": {"image_size": 160}, **mix})
+    light = {"enabled": True, "hflip": 0.5, "color_jitter": [0.1, 0.1, 0.1, 0.1], "rotation": None,
+             "resized_crop_scale": [0.8, 1.0], "affine_translate": None, "affine_scale": None, "affine_shear": None}
+    aligned = _fake_run(tmp_path / "aligned", ages, ages, 600, {"seed": 5, **mix, "data": {
+        "align": True, "align_detector": "mtcnn", "augment": {**light, "rotation": 30, "affine_shear": 5}}})
+    decayed = _fake_run(tmp_path / "decayed", ages, ages, 600, {"seed": 6, **mix, "data": {"augment": light},
+                        "optimizer": {"_target_": "torch.optim.AdamW", "weight_decay": 0.05}})
     out = tmp_path / "levers.csv"
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_levers.py"
 
@@ -263,7 +269,15 @@ def test_levers_spread_is_over_seeds_of_one_setting_and_refuses_mixed_settings(t
     assert table.loc["three", "mae"] == pytest.approx(7 / 3)
     assert table.loc["three", "mae_sd"] == pytest.approx(np.std([1.0, 2.0, 4.0], ddof=1))
     assert table.loc["three", "seed"] == "1,2,3" and len(table) == 4
+    # what else a row records of its run: the augmentations, the alignment, the optimizer
+    assert _call("--run", f"aligned={aligned}", "--run", f"decayed={decayed}").returncode == 0
+    table = pd.read_csv(out).set_index("lever")
+    assert table.loc["aligned", ["augment", "align", "optimizer"]].tolist() == ["hflip+jitter+rotation+crop+affine",
+                                                                              "mtcnn", "unset"]
+    assert table.loc["decayed", ["augment", "align", "optimizer"]].tolist() == ["hflip+jitter+crop", "none",
+                                                                              "AdamW wd 0.05"]
     for bad, why in ((["--run", f"other={other}", "--spread", "x=s1,other"], "differ in image_size"),
+                     (["--spread", "x=aligned,decayed"], "differ in augment"),
                      (["--spread", "x=s1,s1"], "share seeds"), (["--spread", "x=s1,nope"], "no rows \\['nope'\\]")):
         done = _call(*bad)
         assert done.returncode != 0
