@@ -17,8 +17,9 @@ named must have labels without commas).
 Each --run is LABEL=DIR, DIR holding a metrics.json written by agecls.train or agecls.eval (an
 evaluation has no fit time of its own: the fit minutes are read from the training run two levels
 up, `<run>/.../metrics.json`, when DIR lies inside it). The configuration (seed, image size,
-epochs, EMA, sampler, augmentations, alignment, optimizer, test list) comes from DIR/.hydra/config.yaml or the run's. A rerun with the
-same labels replaces their rows in the CSV and keeps the others (benchmarks/results_csv.py).
+epochs, EMA, sampler, augmentations, alignment, optimizer, test list) comes from
+DIR/.hydra/config.yaml or the run's. A rerun with the same labels replaces their rows in the CSV
+and keeps the others (benchmarks/results_csv.py).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any
 
 import pandas as pd
 import yaml
+
+from agecls.faces import DEFAULT_DETECTOR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results_csv import write_replacing  # noqa: E402
@@ -85,7 +88,7 @@ def row(label: str, directory: Path) -> dict[str, Any]:
         "ema": (f"{ema}" if ema is not None else "none") + (" (raw weights)" if weights == "current" else ""),
         "mixup": _mixup(cfg),
         "augment": _augment(data),
-        "align": str(data.get("align_detector", "mtcnn")) if data.get("align") else "none",
+        "align": str(data.get("align_detector", DEFAULT_DETECTOR)) if data.get("align") else "none",
         "optimizer": _optimizer(cfg),
         "tta": metrics.get("tta"),
         "n_test": metrics.get("test/n_images"),
