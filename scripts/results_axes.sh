@@ -55,7 +55,7 @@ for seed in 1 2; do
 done
 run backbones/scratch_unfrozen experiment=utkface_scratch seed=42
 
-# 5. the best recipe found on this CPU within 45 minutes (conf/experiment/utkface_best.yaml)
-run best/best_s42 experiment=utkface_best seed=42
+# 5. the best recipe found on this CPU within 45 minutes (conf/experiment/utkface_best9.yaml; issue 13)
+run best/best_s42 experiment=utkface_best9 seed=42
 # and the same recipe with plain DLDL, the best loss of section 4 (unfrozen, one seed)
-run best/best_dldl_s42 experiment=utkface_best loss=dldl seed=42
+run best/best_dldl_s42 experiment=utkface_best9 loss=dldl seed=42

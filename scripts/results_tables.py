@@ -293,7 +293,7 @@ def best_recipe(src_dir: Path, dest_dir: Path) -> list[str]:
         return []
     table = pd.DataFrame(rows)
     table.to_csv(dest_dir / "best_recipe.csv", index=False)
-    return ["### The best recipe (experiment=utkface_best: unfrozen Lite0, 128 px, light augmentation, DLDL-v2 "
+    return ["### The best recipe of issue 13 (experiment=utkface_best9: unfrozen Lite0, 128 px, light augmentation, DLDL-v2 "
             "unless `loss` says otherwise, 9 one-cycle epochs, flip TTA)", "", fmt(table), ""]
 
 

@@ -104,17 +104,27 @@ def test_results_experiments_share_one_split_and_differ_only_where_they_say(make
     assert unfrozen.head.name == "small"
 
 
-def test_best_recipe_is_the_unfrozen_run_with_its_four_levers_and_nothing_else(make_cfg) -> None:
+def test_best_recipe_is_the_unfrozen_run_with_its_levers_and_nothing_else(make_cfg) -> None:
     from omegaconf import OmegaConf
 
-    base = OmegaConf.to_container(make_cfg("experiment=utkface_unfrozen", tiny=False), resolve=True)
-    best = OmegaConf.to_container(make_cfg("experiment=utkface_best", tiny=False), resolve=True)
-    assert best["loss"]["_target_"] == "agecls.models.losses.DLDLv2Loss" and base["loss"]["_target_"].endswith(".L1AgeLoss")
-    assert (best["trainer"]["max_epochs"], best["tta"]) == (9, "flip")
-    assert best["data"]["augment"]["rotation"] is None and base["data"]["augment"]["rotation"]
-    assert best["data"]["split_seed"] == base["data"]["split_seed"] == 42  # the results' one split
-    # everything else (backbone, head, optimizer, schedule, image size, batch) is the unfrozen run's
-    for key in ("backbone", "head", "optimizer", "scheduler", "lr", "freeze", "pretrained", "seed"):
-        assert best[key] == base[key], key
+    def composed(experiment: str) -> dict:
+        return OmegaConf.to_container(make_cfg(f"experiment={experiment}", tiny=False), resolve=True)
+
+    base, best9, best = composed("utkface_unfrozen"), composed("utkface_best9"), composed("utkface_best")
+    # issue 13's recipe: the unfrozen run with four levers
+    assert best9["loss"]["_target_"] == "agecls.models.losses.DLDLv2Loss" and base["loss"]["_target_"].endswith(".L1AgeLoss")
+    assert (best9["trainer"]["max_epochs"], best9["tta"]) == (9, "flip")
+    assert best9["data"]["augment"]["rotation"] is None and base["data"]["augment"]["rotation"]
+    assert best9["data"]["split_seed"] == base["data"]["split_seed"] == 42  # the results' one split
+    for key in ("backbone", "head", "optimizer", "scheduler", "lr", "freeze", "pretrained", "seed", "callbacks"):
+        assert best9[key] == base[key], key
     for key in ("image_size", "batch_size", "crop_pct", "root"):
-        assert best["data"][key] == base["data"][key], key
+        assert best9["data"][key] == base["data"][key], key
+    # issue 20's: that recipe with AdamW's weight decay, 15 epochs and the weights' moving average
+    assert best["optimizer"]["_target_"] == "torch.optim.AdamW" and best9["optimizer"]["_target_"] == "torch.optim.Adam"
+    assert best["optimizer"]["weight_decay"] == 0.05 and best["optimizer"]["lr"] == best9["optimizer"]["lr"]
+    assert best["trainer"]["max_epochs"] == 15 and best9["trainer"]["max_epochs"] == 9
+    assert best["callbacks"]["ema"]["decay"] == 0.997 and best9["callbacks"]["ema"]["decay"] is None
+    best["callbacks"]["ema"]["decay"] = None
+    for key in ("backbone", "head", "loss", "scheduler", "lr", "freeze", "pretrained", "seed", "tta", "data", "callbacks"):
+        assert best[key] == best9[key], key
