@@ -1,5 +1,6 @@
-"""Test-time augmentation (tta=flip): the mean of the predictions on each image and on its
-horizontal flip, in the test stage of training and in agecls.eval, recorded in metrics.json."""
+"""Test-time choices: augmentation (tta=flip, the mean of the predictions on each image and on its
+horizontal flip) in the test stage of training and in agecls.eval, and agecls.eval's centre crop
+(eval.crop_pct); each recorded in metrics.json."""
 
 from __future__ import annotations
 
@@ -82,4 +83,37 @@ def test_train_with_tta_flip_then_eval_with_and_without_it(make_cfg, tmp_path: P
 def test_eval_refuses_a_bad_tta_before_reading_the_checkpoint(tmp_path: Path) -> None:
     cfg = compose_cfg([f"ckpt_path={tmp_path / 'missing.ckpt'}", "tta=both"], tmp_path / "eval", config_name="eval")
     with pytest.raises(ConfigValueError, match=r"tta='both': choose one of none, flip"):
+        evaluate(cfg)
+
+
+def test_eval_crop_pct_evaluates_the_same_weights_at_another_centre_crop(make_cfg, tmp_path: Path,
+                                                                         cache_dir: Path) -> None:
+    """eval.crop_pct replaces the model's centre crop in evaluation only: the images are resized to
+    image_size / crop_pct before the crop, so the predictions move; null gives the training run's
+    own test metrics back; metrics.json and the model card say which crop was used."""
+    metrics = train(make_cfg("data.augment.compile=false", f"paths.output_dir={tmp_path / 'run'}"))
+    ckpt = metrics["best_checkpoint"]
+    model_crop = float(load_checkpoint(ckpt)[0].hparams.crop_pct)
+
+    def _eval(name: str, *extra: str) -> dict:
+        out = tmp_path / name
+        cfg = compose_cfg([f"ckpt_path={ckpt}", f"paths.cache_dir={cache_dir}", "eval.num_workers=0",
+                           "trainer.accelerator=cpu", *extra], out, config_name="eval")
+        result = evaluate(cfg)
+        assert json.loads((out / "metrics.json").read_text())["crop_pct"] == pytest.approx(result["crop_pct"])
+        return result
+
+    own, wide = _eval("own"), _eval("wide", "eval.crop_pct=1.0")
+    assert own["crop_pct"] == pytest.approx(model_crop) and model_crop < 1.0
+    assert own["test/mae"] == pytest.approx(metrics["test/mae"], abs=1e-5)
+    assert wide["crop_pct"] == 1.0 and wide["test/n_images"] == own["test/n_images"]
+    assert wide["test/mae"] != pytest.approx(own["test/mae"], abs=1e-6)
+    assert "at centre crop 1 (eval.crop_pct" in (tmp_path / "wide" / "MODEL_CARD.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, "wide"])
+def test_eval_refuses_a_bad_crop_before_reading_the_checkpoint(tmp_path: Path, bad) -> None:
+    cfg = compose_cfg([f"ckpt_path={tmp_path / 'missing.ckpt'}", f"eval.crop_pct={bad}"], tmp_path / "eval",
+                      config_name="eval")
+    with pytest.raises(ConfigValueError, match=r"eval.crop_pct=.*must be a number"):
         evaluate(cfg)

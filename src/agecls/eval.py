@@ -3,6 +3,7 @@
     python -m agecls.eval ckpt_path=outputs/runs/.../checkpoints/epoch_012.ckpt
     python -m agecls.eval ckpt_path=PATH data=utkface data.root=/new/faces eval.split=all
     python -m agecls.eval ckpt_path=PATH tta=flip    # averaged with each image's horizontal flip
+    python -m agecls.eval ckpt_path=PATH eval.crop_pct=0.94 eval.split=val   # the same weights at another centre crop
 """
 
 from __future__ import annotations
@@ -56,14 +57,24 @@ def load_checkpoint(path: str | Path, weights: str = "checkpoint") -> tuple[AgeR
     return AgeRegressor.from_checkpoint(ckpt, path=str(path)), ckpt
 
 
+def check_eval_crop(cfg: DictConfig) -> float | None:
+    """eval.crop_pct, checked: the centre crop to evaluate at instead of the model's own (the
+    data.crop_pct it was trained with, which agecls.predict, serve and export use); None keeps it."""
+    value = cfg.eval.get("crop_pct")
+    if value is None:
+        return None
+    return float(check_number("eval.crop_pct", value, above=0, maximum=1,
+                              why=" (null: the crop the model was trained with)"))
+
+
 def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any], report_dir: Path) -> AgeDataModule:
     """The data set named by cfg.data, or the one the checkpoint was trained on, preprocessed the
-    way the model expects (its image size and crop)."""
+    way the model expects (its image size and crop; eval.crop_pct replaces the crop)."""
     hp = model.hparams
     check_number("eval.batch_size", cfg.eval.batch_size, minimum=1, integer=True)
     check_number("eval.num_workers", cfg.eval.num_workers, minimum=0, integer=True)
     # Evaluation decodes every image once anyway: no preprocessing cache (data.cache) to build.
-    common = dict(image_size=int(hp.image_size), crop_pct=float(hp.crop_pct), test_on=cfg.eval.split,
+    common = dict(image_size=int(hp.image_size), crop_pct=check_eval_crop(cfg) or float(hp.crop_pct), test_on=cfg.eval.split,
                   batch_size=int(cfg.eval.batch_size), num_workers=int(cfg.eval.num_workers),
                   report_dir=str(report_dir), cache_dir=cfg.paths.cache_dir, cache=False, feature_cache=False)
     if cfg.eval.split == "all":
@@ -101,6 +112,7 @@ def build_datamodule(cfg: DictConfig, model: AgeRegressor, ckpt: dict[str, Any],
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     tta = check_tta(cfg.get("tta", "none"))  # before any work
+    crop = check_eval_crop(cfg)
     check_number("coverage", cfg.get("coverage", 0.9), minimum=0.0, maximum=1.0)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +132,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics["split"] = cfg.eval.split
     metrics["tta"] = tta
     metrics["weights"] = str(cfg.eval.get("weights", "checkpoint"))
+    metrics["crop_pct"] = crop or float(model.hparams.crop_pct)  # the centre crop evaluated at
     metrics["coverage"] = model.coverage  # of the intervals: test/interval_coverage is how often they held
     if getattr(datamodule, "membership_check", None):  # the checkpoint's own split: how much of it was evaluated
         metrics.update({f"members/{k}": v for k, v in datamodule.membership_check.items()})
@@ -131,7 +144,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         keep_previous(output_dir / "metrics.json")
         outputs.write_json(output_dir / "metrics.json", metrics)
         write_model_card(output_dir, model.hparams, datamodule.hparams, metrics, datamodule.cleaning_report.as_dict(),
-                         {"model": metrics["checkpoint"], "notes": f"Evaluated on the {cfg.eval.split} split."})
+                         {"model": metrics["checkpoint"], "notes": f"Evaluated on the {cfg.eval.split} split" + (
+                              f" at centre crop {crop:g} (eval.crop_pct; trained at {float(hp.crop_pct):g})." if crop
+                              else ".")})
     log.info("Evaluation of %s: %s", cfg.ckpt_path, {k: v for k, v in metrics.items() if "_by_" not in k})
     return metrics
 

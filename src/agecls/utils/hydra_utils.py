@@ -166,6 +166,7 @@ EVAL_SUMMARY = {
     "ckpt_path": "ckpt_path",
     "split": "eval.split",
     "tta": "tta",
+    "crop_pct": "eval.crop_pct",
     "data": "data.source",
     "root": "data.root",
     "batch_size": "eval.batch_size",
