@@ -33,6 +33,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
+from agecls.deploy import DEFAULT_CROP_PCT
 from agecls.faces import DEFAULT_DETECTOR
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -82,6 +83,7 @@ def row(label: str, directory: Path) -> dict[str, Any]:
         "split": (data.get("test_list") or f"hash {data.get('splits')}") + f" ({metrics.get('split', 'test')})",
         "ages": f"{data.get('min_age', 0)}-{data.get('max_age', 100)}",
         "image_size": data.get("image_size"),
+        "crop": _crop(data, metrics),
         "epochs": run_metrics.get("epochs", trainer.get("max_epochs")),
         "loss": str((cfg.get("loss") or {}).get("_target_", "")).rsplit(".", 1)[-1],
         "sampler": data.get("sampler", "shuffle"),
@@ -105,6 +107,14 @@ def row(label: str, directory: Path) -> dict[str, Any]:
         "n_minors": metrics.get("test/n_minors"),
         "dir": str(directory),
     }
+
+
+def _crop(data: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The centre crop the model was trained with (data.crop_pct), and the one it was evaluated at
+    where agecls.eval's eval.crop_pct replaced it, e.g. "0.875 (eval 0.95)"."""
+    trained = float(data.get("crop_pct") or DEFAULT_CROP_PCT)
+    evaluated = float(metrics.get("crop_pct") or trained)
+    return f"{trained:g}" + (f" (eval {evaluated:g})" if evaluated != trained else "")
 
 
 def _mixup(cfg: dict[str, Any]) -> str:
@@ -140,7 +150,7 @@ SPREAD_FIGURES = ("mae", "pearson", "spearman", "cs5", "val_mae", "fit_min", "ma
 # the value of a setting in rows written before its column was added (older CSV rows read it back empty)
 # (no default for augment: rows before it had either set, so they read "unset" and spread only alike)
 COLUMN_DEFAULTS = {"mixup": "none", "align": "none", "optimizer": "Adam"}
-SPREAD_SETTINGS = ("split", "ages", "image_size", "epochs", "loss", "sampler", "ema", "mixup", "augment", "align",
+SPREAD_SETTINGS = ("split", "ages", "image_size", "crop", "epochs", "loss", "sampler", "ema", "mixup", "augment", "align",
                    "optimizer", "tta", "n_test")
 
 
@@ -208,9 +218,10 @@ def ensemble_row(label: str, directories: list[Path]) -> dict[str, Any]:
            "val_mae": None, "mae_0_9": metrics.get("mae_by_decade/0-9"), "mae_10_19": metrics.get("mae_by_decade/10-19"),
            "minors_predicted_adult": metrics.get("test/minors_predicted_adult"), "n_minors": metrics.get("test/n_minors"),
            "dir": ",".join(map(str, directories))}
-    for key in ("seed", "image_size", "epochs", "ema", "mixup", "augment", "align", "optimizer", "sampler", "tta", "loss"):
+    for key in ("seed", "image_size", "crop", "epochs", "ema", "mixup", "augment", "align", "optimizer", "sampler", "tta", "loss"):
         out[key] = " + ".join(str(m[key]) for m in members)
-    fits = [m["fit_min"] for m in members]
+    # each training run's fit once: evaluations of one run (e.g. at two crops) cost no second fit
+    fits = list({str(_run_of(d)): m["fit_min"] for d, m in zip(directories, members, strict=True)}.values())
     out["fit_min"] = round(sum(fits), 1) if None not in fits else None
     out["mae_60_plus"] = mae_over(metrics, 60, 200)
     return out

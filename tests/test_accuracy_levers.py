@@ -276,7 +276,21 @@ def test_levers_spread_is_over_seeds_of_one_setting_and_refuses_mixed_settings(t
                                                                               "mtcnn", "unset"]
     assert table.loc["decayed", ["augment", "align", "optimizer"]].tolist() == ["hflip+jitter+crop", "none",
                                                                               "AdamW wd 0.05"]
+    # an evaluation of s1's checkpoint at another centre crop (agecls.eval eval.crop_pct=0.95)
+    wide = runs["s1"] / "eval_wide"
+    wide.mkdir()
+    (wide / "metrics.json").write_text(json.dumps({"test/mae": 0.5, "test/n_images": 4, "crop_pct": 0.95}))
+    assert _call("--run", f"wide s1={wide}").returncode == 0
+    table = pd.read_csv(out).set_index("lever")
+    assert table.loc["s1", "crop"] == "0.875" and table.loc["wide s1", "crop"] == "0.875 (eval 0.95)"
+    assert table.loc["wide s1", "fit_min"] == pytest.approx(10.0)  # the run's, two levels up
+    # the mean over the two crops of one model: one fit
+    (wide / "predictions.csv").write_bytes((runs["s1"] / "predictions.csv").read_bytes())
+    assert _call("--ensemble", f"two crops s1={runs['s1']},{wide}").returncode == 0
+    two = pd.read_csv(out).set_index("lever").loc["two crops s1"]
+    assert two["fit_min"] == pytest.approx(10.0) and two["crop"] == "0.875 + 0.875 (eval 0.95)"
     for bad, why in ((["--run", f"other={other}", "--spread", "x=s1,other"], "differ in image_size"),
+                     (["--spread", "x=wide s1,s2"], "differ in crop"),
                      (["--spread", "x=aligned,decayed"], "differ in augment"),
                      (["--spread", "x=s1,s1"], "share seeds"), (["--spread", "x=s1,nope"], "no rows \\['nope'\\]")):
         done = _call(*bad)
