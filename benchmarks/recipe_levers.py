@@ -83,7 +83,7 @@ def row(label: str, directory: Path) -> dict[str, Any]:
         "split": (data.get("test_list") or f"hash {data.get('splits')}") + f" ({metrics.get('split', 'test')})",
         "ages": f"{data.get('min_age', 0)}-{data.get('max_age', 100)}",
         "image_size": data.get("image_size"),
-        "crop": _crop(data, metrics),
+        "crop": _crop(cfg, metrics),
         "epochs": run_metrics.get("epochs", trainer.get("max_epochs")),
         "loss": str((cfg.get("loss") or {}).get("_target_", "")).rsplit(".", 1)[-1],
         "sampler": data.get("sampler", "shuffle"),
@@ -109,10 +109,13 @@ def row(label: str, directory: Path) -> dict[str, Any]:
     }
 
 
-def _crop(data: dict[str, Any], metrics: dict[str, Any]) -> str:
-    """The centre crop the model was trained with (data.crop_pct), and the one it was evaluated at
-    where agecls.eval's eval.crop_pct replaced it, e.g. "0.875 (eval 0.95)"."""
-    trained = float(data.get("crop_pct") or DEFAULT_CROP_PCT)
+def _crop(cfg: dict[str, Any], metrics: dict[str, Any]) -> str:
+    """The centre crop the model was trained with (data.crop_pct, resolved: by default it follows
+    the backbone's), and the one it was evaluated at where agecls.eval's eval.crop_pct replaced it,
+    e.g. "0.875 (eval 0.95)"."""
+    from omegaconf import OmegaConf
+
+    trained = float(OmegaConf.select(OmegaConf.create(cfg), "data.crop_pct", default=None) or DEFAULT_CROP_PCT)
     evaluated = float(metrics.get("crop_pct") or trained)
     return f"{trained:g}" + (f" (eval {evaluated:g})" if evaluated != trained else "")
 

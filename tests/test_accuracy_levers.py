@@ -289,6 +289,11 @@ def test_levers_spread_is_over_seeds_of_one_setting_and_refuses_mixed_settings(t
     assert _call("--ensemble", f"two crops s1={runs['s1']},{wide}").returncode == 0
     two = pd.read_csv(out).set_index("lever").loc["two crops s1"]
     assert two["fit_min"] == pytest.approx(10.0) and two["crop"] == "0.875 + 0.875 (eval 0.95)"
+    # as Hydra saves it: data.crop_pct follows the backbone's
+    lite1 = _fake_run(tmp_path / "lite1", ages, ages, 600, {"seed": 7, **mix, "backbone": {"crop_pct": 0.882},
+                      "data": {"crop_pct": "${oc.select:backbone.crop_pct,0.875}"}})
+    assert _call("--run", f"lite1={lite1}").returncode == 0
+    assert pd.read_csv(out).set_index("lever").loc["lite1", "crop"] == "0.882"
     for bad, why in ((["--run", f"other={other}", "--spread", "x=s1,other"], "differ in image_size"),
                      (["--spread", "x=wide s1,s2"], "differ in crop"),
                      (["--spread", "x=aligned,decayed"], "differ in augment"),
