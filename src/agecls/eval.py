@@ -3,7 +3,7 @@
     python -m agecls.eval ckpt_path=outputs/runs/.../checkpoints/epoch_012.ckpt
     python -m agecls.eval ckpt_path=PATH data=utkface data.root=/new/faces eval.split=all
     python -m agecls.eval ckpt_path=PATH tta=flip    # averaged with each image's horizontal flip
-    python -m agecls.eval ckpt_path=PATH eval.crop_pct=0.94 eval.split=val   # the same weights at another centre crop
+    python -m agecls.eval ckpt_path=PATH eval.crop_pct=0.95 eval.split=val   # the same weights at another centre crop
 """
 
 from __future__ import annotations
