@@ -132,7 +132,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics["split"] = cfg.eval.split
     metrics["tta"] = tta
     metrics["weights"] = str(cfg.eval.get("weights", "checkpoint"))
-    metrics["crop_pct"] = crop or float(model.hparams.crop_pct)  # the centre crop evaluated at
+    metrics["crop_pct"] = float(datamodule.hparams.crop_pct)  # the centre crop evaluated at
     metrics["coverage"] = model.coverage  # of the intervals: test/interval_coverage is how often they held
     if getattr(datamodule, "membership_check", None):  # the checkpoint's own split: how much of it was evaluated
         metrics.update({f"members/{k}": v for k, v in datamodule.membership_check.items()})
